@@ -1,0 +1,1 @@
+"""covid-ray: chest X-ray classification with Ray Train, Ray Tune and ensembling."""

@@ -1,0 +1,1 @@
+"""Dataset layer: scan, split, synthesize, cache and transform chest radiographs."""

@@ -1,0 +1,156 @@
+"""Train and eval presets, applied to whole uint8 batches on the device.
+
+They follow the reference recipe, scaled to the working ``image_size`` S:
+
+* train: Resize R -> RandomRotation(10) -> RandomHorizontalFlip -> CenterCrop S ->
+  ToTensor -> Normalize, where R = round(S * 256 / 224) (256 for 224 px);
+* eval:  Resize R -> CenterCrop S -> ToTensor -> Normalize.
+
+The Resize happens once, in the decode cache (:mod:`covid_ray.data.cache`), so a
+preset receives (B, 1, R, R) uint8 tensors. The random geometric part of the train
+preset (rotation, flip, and an optional zoom/shift crop) is one affine map per image,
+applied to the whole batch with one ``grid_sample`` call on the batch's device
+(the GPU when there is one) instead of per-image PIL operations in loader workers.
+Brightness/contrast jitter is optional; with the defaults the train preset is the
+reference recipe.
+
+Input is grayscale. With ``in_chans=1`` images are normalized with the grayscale
+equivalent of ImageNet's statistics (mean 0.449, std 0.226, as timm does for 1-channel
+models); with ``in_chans=3`` the channel is replicated and ImageNet's per-channel
+statistics are used.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+GRAY_MEAN = (0.449,)
+GRAY_STD = (0.226,)
+
+
+def normalization_for(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel for grayscale input shown to a model with ``in_chans`` channels."""
+    if in_chans == 1:
+        return GRAY_MEAN, GRAY_STD
+    if in_chans == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+
+
+def resize_for(image_size: int) -> int:
+    """Working resolution R before the crop: 256 for 224, in the same ratio otherwise."""
+    return int(round(image_size * 256 / 224))
+
+
+@dataclass(frozen=True, kw_only=True)
+class AugmentParams:
+    """Strength of the train-time augmentation (the search tunes these).
+
+    rotation: max degrees of the uniform random rotation.
+    hflip: probability of a horizontal flip.
+    crop_scale: (min, max) area of the crop relative to the centre crop; (1, 1) is the
+        reference centre crop, smaller values zoom in and shift at random.
+    brightness, contrast: multiplicative jitter in [1 - x, 1 + x]; 0 disables.
+    """
+
+    rotation: float = 10.0
+    hflip: float = 0.5
+    crop_scale: tuple[float, float] = (1.0, 1.0)
+    brightness: float = 0.0
+    contrast: float = 0.0
+
+    def __post_init__(self):
+        lo, hi = self.crop_scale
+        if not (0 < lo <= hi <= 1):
+            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+        if not 0 <= self.hflip <= 1:
+            raise ValueError(f"hflip must be a probability, got {self.hflip}")
+        if self.rotation < 0 or self.brightness < 0 or self.contrast < 0:
+            raise ValueError("rotation, brightness and contrast must be >= 0")
+
+
+def _to_float(images: torch.Tensor) -> torch.Tensor:
+    if images.dim() == 3:
+        images = images.unsqueeze(1)
+    if images.dtype != torch.uint8:
+        raise TypeError(f"presets take uint8 batches, got {images.dtype}")
+    return images.float().div_(255.0)
+
+
+def _normalize(x: torch.Tensor, in_chans: int) -> torch.Tensor:
+    mean, std = normalization_for(in_chans)
+    if in_chans == 3:
+        x = x.expand(-1, 3, -1, -1)
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+class EvalPreset:
+    """Centre crop S from (B, 1, R, R) uint8 and normalize; exact, no resampling."""
+
+    def __init__(self, *, image_size: int, in_chans: int = 1):
+        self.image_size = image_size
+        self.in_chans = in_chans
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = _to_float(images)
+        r, s = x.shape[-1], self.image_size
+        if r < s:
+            raise ValueError(f"images are {r}px, smaller than the crop {s}px")
+        top = int(round((r - s) / 2.0))  # as torchvision's CenterCrop
+        x = x[..., top : top + s, top : top + s]
+        return _normalize(x, self.in_chans).contiguous()
+
+
+class TrainPreset:
+    """Random rotation, flip and crop as one batched affine warp, then jitter and normalize."""
+
+    def __init__(self, *, image_size: int, in_chans: int = 1, augment: AugmentParams | None = None):
+        self.image_size = image_size
+        self.in_chans = in_chans
+        self.augment = augment or AugmentParams()
+
+    def affine(self, batch: int, resize: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, 2, 3) maps from output to input coordinates, in ``affine_grid``'s convention."""
+        a = self.augment
+        u = torch.rand(batch, 5, generator=generator)
+        angle = torch.deg2rad((u[:, 0] * 2 - 1) * a.rotation)
+        flip = torch.where(u[:, 1] < a.hflip, -1.0, 1.0)
+        lo, hi = a.crop_scale
+        zoom = torch.sqrt(lo + (hi - lo) * u[:, 2])  # side factor from an area factor
+        k = self.image_size / resize * zoom
+        # A shift only when zooming in, so that the default is the exact centre crop.
+        slack = (1 - k).clamp(min=0) if lo < 1 else torch.zeros_like(k)
+        tx, ty = (u[:, 3] * 2 - 1) * slack, (u[:, 4] * 2 - 1) * slack
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        # input = Rot(angle) @ diag(flip*k, k) @ output + t
+        theta = torch.stack(
+            [
+                torch.stack([cos * flip * k, -sin * k, tx], dim=1),
+                torch.stack([sin * flip * k, cos * k, ty], dim=1),
+            ],
+            dim=1,
+        )
+        return theta
+
+    def __call__(self, images: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = _to_float(images)
+        b, r, s = x.shape[0], x.shape[-1], self.image_size
+        theta = self.affine(b, r, generator=generator).to(device=x.device, dtype=x.dtype)
+        grid = F.affine_grid(theta, [b, 1, s, s], align_corners=False)
+        # zeros padding: the corners a rotation uncovers are black, as RandomRotation's fill=0.
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        a = self.augment
+        if a.brightness > 0 or a.contrast > 0:
+            j = torch.rand(b, 2, generator=generator).to(x.device)
+            bright = (1 + (j[:, 0] * 2 - 1) * a.brightness).view(b, 1, 1, 1)
+            contrast = (1 + (j[:, 1] * 2 - 1) * a.contrast).view(b, 1, 1, 1)
+            x = x * bright
+            mean = x.mean(dim=(1, 2, 3), keepdim=True)
+            x = ((x - mean) * contrast + mean).clamp_(0, 1)
+        return _normalize(x, self.in_chans).contiguous()

@@ -1,0 +1,1 @@
+"""Top-k ensemble of search checkpoints: combine, calibrate, evaluate, export."""
