@@ -1,0 +1,73 @@
+"""Starting or joining Ray, and checking a resource request before anything is launched."""
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+    """Join the cluster at ``address``, or start Ray inside this process.
+
+    The embedded Ray keeps its dashboard on 127.0.0.1 and Ray's token authentication
+    on (its default for local clusters since 2.60): an exposed, unauthenticated Ray
+    dashboard or jobs port runs anyone's code.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # Ray Train patches print() on workers into its logger, which also echoes to the
+    # console: every progress line would show twice.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    ray.init(
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        include_dashboard=True,  # its agent frees Train V2 placement groups between trials
+        dashboard_host="127.0.0.1",
+        log_to_driver=True,
+    )
+
+
+def cluster_totals() -> dict[str, float]:
+    import ray
+
+    res = ray.cluster_resources()
+    return {"CPU": float(res.get("CPU", 0)), "GPU": float(res.get("GPU", 0))}
+
+
+def check_resources(
+    *, workers: int, cpus_per_worker: float, gpus_per_worker: float, driver_cpus: float, concurrent: int = 1
+) -> None:
+    """Fail fast when one trial cannot fit in the cluster.
+
+    Raises:
+        ValueError: says what was asked and what the cluster has.
+    """
+    totals = cluster_totals()
+    need_cpu = workers * cpus_per_worker + driver_cpus
+    need_gpu = workers * gpus_per_worker
+    problems = []
+    if workers < 1:
+        problems.append(f"workers per trial must be >= 1, got {workers}")
+    if cpus_per_worker <= 0:
+        problems.append(f"CPUs per worker must be > 0, got {cpus_per_worker}")
+    if need_gpu > 0 and totals["GPU"] == 0:
+        problems.append(f"asked for {need_gpu:g} GPUs per trial ({workers} workers x {gpus_per_worker:g}), but the cluster has no GPUs")
+    elif need_gpu > totals["GPU"]:
+        problems.append(f"asked for {need_gpu:g} GPUs per trial ({workers} workers x {gpus_per_worker:g}), but the cluster has {totals['GPU']:g}")
+    if need_cpu > totals["CPU"]:
+        problems.append(
+            f"asked for {need_cpu:g} CPUs per trial ({workers} workers x {cpus_per_worker:g}"
+            f"{f' + {driver_cpus:g} for the trial driver' if driver_cpus else ''}), but the cluster has {totals['CPU']:g}"
+        )
+    if problems:
+        raise ValueError("impossible resource request: " + "; ".join(problems))
+    if concurrent * need_cpu > totals["CPU"]:
+        logger.info("%d concurrent trials need %g CPUs; the cluster has %g, so fewer will run at once",
+                    concurrent, concurrent * need_cpu, totals["CPU"])

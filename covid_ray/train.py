@@ -1,0 +1,426 @@
+"""One training run under Ray Train: the per-worker loop, the trainer, and its CLI.
+
+``python -m covid_ray.train --data DIR --model NAME ...`` trains one configuration
+with data-parallel workers (gloo on CPU, NCCL on GPU) and prints one JSON object as
+its last line of stdout: the best validation metrics and the best checkpoint. Each
+search trial (``covid_ray.tune``) runs the same :func:`train_loop_per_worker`.
+
+The math lives in :mod:`covid_ray.engine`; this file only wires it to Ray: data
+loaders get a ``DistributedSampler``, validation predictions are gathered from every
+worker so metrics cover the whole validation split, rank 0 writes a checkpoint when
+the metric improves, every epoch is reported, and a restarted run resumes from the
+checkpoint Ray hands it (model, optimizer, scheduler, scaler, epoch, early stopping).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from covid_ray.checkpoint import load_checkpoint, load_train_state, save_checkpoint
+from covid_ray.config import TrialConfig
+from covid_ray.data.datasets import load_splits, make_loader
+from covid_ray.data.scan import find_dataset_root, order_classes
+from covid_ray.data.split import read_manifest
+from covid_ray.data.transforms import EvalPreset, TrainPreset, resize_for
+from covid_ray.engine import (
+    EarlyStopping,
+    class_weight_vector,
+    cross_entropy_np,
+    dedupe_by_index,
+    predict_logits,
+    train_one_epoch,
+)
+from covid_ray.metrics import validation_summary
+from covid_ray.models import create_model, trainable_parameters
+
+logger = logging.getLogger(__name__)
+
+
+def manifest_classes(manifest) -> list[str]:
+    return order_classes(sorted(set(manifest["label"])))
+
+
+def _build_optimizer(params, cfg) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.optimizer == "adam":
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+    if o.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum, nesterov=True)
+
+
+def _gather(arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    """Concatenate each array over all workers (identity with one worker)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return arrays
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, arrays)
+    return tuple(np.concatenate([p[k] for p in parts]) for k in range(len(arrays)))
+
+
+def _mean_over_workers(total: float, count: int, device: torch.device) -> float:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return total / max(count, 1)
+    t = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t[0] / t[1].clamp(min=1))
+
+
+def _set_epoch(loader, epoch: int) -> None:
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+
+
+def train_loop_per_worker(flat_config: dict) -> None:
+    """Ray Train worker entry point; reads everything from ``flat_config``."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrialConfig.from_flat(flat_config)
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.optim.seed)  # identical initial weights on every worker
+
+    manifest = read_manifest(cfg.data.split)
+    classes = manifest_classes(manifest)
+    root = find_dataset_root(cfg.data.data)
+    data = load_splits(root, manifest, classes, resize_for(cfg.data.image_size), cache_dir=cfg.data.cache_dir)
+    train_set, val_set = data.datasets["train"], data.datasets["val"]
+    if len(train_set) == 0 or len(val_set) == 0:
+        raise ValueError(f"{cfg.data.split}: the train and val splits must both hold images")
+
+    batch = cfg.optim.batch_size
+    # drop_last avoids a 1-image BatchNorm batch; kept when the split is smaller than a batch.
+    train_loader = make_loader(
+        train_set, batch_size=batch, shuffle=True, num_workers=cfg.data.loader_workers,
+        seed=cfg.optim.seed, drop_last=len(train_set) > batch * ctx.get_world_size(),
+    )
+    val_loader = make_loader(val_set, batch_size=max(batch, 64), shuffle=False, num_workers=cfg.data.loader_workers)
+    train_loader = ray.train.torch.prepare_data_loader(train_loader, move_to_device=False)
+    val_loader = ray.train.torch.prepare_data_loader(val_loader, move_to_device=False)
+
+    cuda = device.type == "cuda"
+    model = create_model(
+        cfg.model.model, len(classes), pretrained=cfg.model.pretrained,
+        in_chans=cfg.model.in_chans, freeze_backbone=cfg.model.freeze_backbone,
+    )
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+
+    counts = np.bincount(train_set.labels.numpy(), minlength=len(classes))
+    weights = class_weight_vector(counts, cfg.optim.class_weights, classes, cfg.optim.class_mult)
+    criterion = torch.nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32, device=device))
+    optimizer = _build_optimizer(trainable_parameters(model), cfg)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max", factor=cfg.optim.lr_factor, patience=cfg.optim.lr_patience
+    )
+    scaler = torch.amp.GradScaler("cuda") if cuda and cfg.optim.amp != "off" else None
+    early = EarlyStopping(patience=cfg.optim.early_stop_patience)
+    train_preset = TrainPreset(image_size=cfg.data.image_size, in_chans=cfg.model.in_chans, augment=cfg.data.augment())
+    eval_preset = EvalPreset(image_size=cfg.data.image_size, in_chans=cfg.model.in_chans)
+
+    start_epoch = resumed_from = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            payload = load_checkpoint(folder)
+            state = load_train_state(folder)
+        module = model.module if hasattr(model, "module") else model
+        module.load_state_dict(payload["state_dict"])
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            early.load_state_dict(state["early_stopping"])
+        start_epoch = resumed_from = int(payload["epoch"])
+        if rank == 0:
+            print(f"[covid-ray] resumed from the checkpoint of epoch {start_epoch}", flush=True)
+
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    metric = cfg.optim.metric
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        t0 = time.perf_counter()
+        _set_epoch(train_loader, epoch)
+        generator = torch.Generator().manual_seed(cfg.optim.seed * 100_003 + rank * 1_009 + epoch)
+        loss_sum_mean, seen = train_one_epoch(
+            model, train_loader, train_preset, criterion, optimizer, device,
+            scaler=scaler, amp=cfg.optim.amp, generator=generator, channels_last=cuda,
+        )
+        train_loss = _mean_over_workers(loss_sum_mean * seen, seen, device)
+        index, logits, labels = predict_logits(model, val_loader, eval_preset, device, amp=cfg.optim.amp, channels_last=cuda)
+        index, logits, labels = dedupe_by_index(*_gather((index, logits, labels)))
+        metrics: dict[str, Any] = validation_summary(labels, logits, classes)
+        metrics["val_loss"] = cross_entropy_np(logits, labels)
+        if metric not in metrics:
+            raise ValueError(f"metric {metric!r} is not reported; choose one of {sorted(metrics)}")
+        value = metrics[metric]
+        improved = early.step(value if math.isfinite(value) else float("-inf"), epoch + 1)
+        scheduler.step(value)
+        metrics.update(
+            epoch=epoch + 1,
+            train_loss=train_loss,
+            lr=optimizer.param_groups[0]["lr"],
+            val_images=int(len(labels)),
+            epoch_time_s=time.perf_counter() - t0,
+            node_id=node_id,
+            world_size=ctx.get_world_size(),
+            resumed_from_epoch=resumed_from,
+            **{f"best_{metric}": early.best, "best_epoch": early.best_epoch},
+        )
+        if rank == 0:
+            print(
+                f"[covid-ray] epoch {epoch + 1}/{cfg.optim.epochs} train_loss {train_loss:.4f} "
+                f"val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_accuracy']:.4f} "
+                f"{metric} {value:.4f}{' *' if improved else ''} ({metrics['epoch_time_s']:.1f}s)",
+                flush=True,
+            )
+        if improved and rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(
+                    tmp, model, classes=classes, image_size=cfg.data.image_size, metrics=metrics,
+                    epoch=epoch + 1, config=cfg.to_flat(),
+                    train_state={
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict() if scaler is not None else {},
+                        "early_stopping": early.state_dict(),
+                    },
+                )
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+        if early.should_stop:
+            if rank == 0:
+                print(f"[covid-ray] early stop: no {metric} gain for {early.bad_epochs} epochs", flush=True)
+            break
+        fail_at = os.environ.get("COVID_RAY_FAIL_AT_EPOCH")  # fault-injection hook for the recovery tests
+        if fail_at and rank == int(os.environ.get("COVID_RAY_FAIL_RANK", "0")) and epoch + 1 == int(fail_at):
+            marker = Path(os.environ.get("COVID_RAY_FAIL_MARKER", ""))
+            if marker.name and not marker.exists():
+                marker.write_text(json.dumps({"killed_at_epoch": epoch + 1, "last_checkpoint_epoch": early.best_epoch}))
+                os._exit(1)  # a hard crash, as from an OOM kill or a lost node
+
+
+def _history_callback_class():
+    from ray.train.v2.api.callback import UserCallback
+
+    class HistoryCallback(UserCallback):
+        """Append every report of rank 0 to a JSON-lines file (runs in the Train controller).
+
+        Ray Train V2 keeps only the metrics attached to checkpoints; this keeps the rest,
+        including the epochs a restarted worker group trains again.
+        """
+
+        def __init__(self, path: str):
+            self.path = path
+
+        def after_report(self, run_context, metrics, checkpoint):
+            row = dict(metrics[0])
+            row["checkpoint"] = checkpoint.path if checkpoint else ""
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row, default=str) + "\n")
+
+    return HistoryCallback
+
+
+def history_callback(path: str | Path):
+    """A Ray Train callback that writes each epoch's metrics to ``path`` (JSON lines)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return _history_callback_class()(str(path))
+
+
+def read_history(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def build_trainer(
+    flat_config: dict,
+    *,
+    num_workers: int = 1,
+    use_gpu: bool = False,
+    cpus_per_worker: float = 1.0,
+    gpus_per_worker: float | None = None,
+    storage_path: str | Path,
+    name: str,
+    max_failures: int = 1,
+    callbacks: list | None = None,
+    worker_env: dict[str, str] | None = None,
+):
+    """A ``TorchTrainer`` for one configuration (validated here, before any worker starts)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cfg = TrialConfig.from_flat(flat_config)
+    resources: dict[str, float] = {"CPU": cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1.0 if gpus_per_worker is None else gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg.to_flat(),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(Path(storage_path).resolve()) if "://" not in str(storage_path) else str(storage_path),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute=cfg.optim.metric, checkpoint_score_order="max"
+            ),
+            callbacks=callbacks,
+            # Ray Train's per-report INFO lines drown the loop's own progress line.
+            logging_config=LoggingConfig(log_level="WARNING"),
+            worker_runtime_env={"env_vars": worker_env} if worker_env else None,
+        ),
+    )
+
+
+def best_of(result, metric: str) -> tuple[dict, str | None]:
+    """Metrics and checkpoint path of a Ray Train result's best epoch."""
+    best = None
+    if result.best_checkpoints:
+        best = max(result.best_checkpoints, key=lambda cm: cm[1].get(metric, float("-inf")))
+    if best is None:
+        return dict(result.metrics or {}), None
+    return dict(best[1]), best[0].path
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m covid_ray.train", description="Train one configuration with Ray Train (DDP).")
+    p.add_argument("--data", required=True, help="dataset root (Kaggle layout or ImageFolder)")
+    p.add_argument("--split", default=None, help="split manifest; default: made (or reused) for --data")
+    p.add_argument("--model", required=True, help="registered model name (see covid_ray.models.list_models)")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=32, help="per worker")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd"])
+    p.add_argument("--class-weights", default="none", help="none | balanced | sqrt_balanced | w1,w2,...")
+    p.add_argument("--pretrained", default=None, help="local weights file, or 'torchvision' for $TORCH_HOME's cache")
+    p.add_argument("--freeze-backbone", action="store_true")
+    p.add_argument("--in-chans", type=int, default=1, choices=[1, 3])
+    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16"])
+    p.add_argument("--early-stop-patience", type=int, default=5)
+    p.add_argument("--lr-patience", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=1, help="DDP workers")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--max-failures", type=int, default=1, help="worker failures to recover from")
+    p.add_argument("--storage-path", default="results/train", help="where Ray Train writes checkpoints")
+    p.add_argument("--name", default=None, help="run name (default: <model>-<time>)")
+    p.add_argument("--cache-dir", default=None, help="decode cache folder (default: $COVID_RAY_CACHE or ~/.cache/covid_ray)")
+    p.add_argument("--address", default=None, help="join a running Ray cluster (auto or HOST:PORT)")
+    return p
+
+
+def _class_weights_arg(text: str) -> str | list[float]:
+    if "," in text:
+        try:
+            return [float(x) for x in text.split(",")]
+        except ValueError:
+            raise ValueError(f"--class-weights: expected numbers like 1,2,1,3, got {text!r}") from None
+    return text
+
+
+def config_from_args(args: argparse.Namespace, split: Path) -> dict:
+    return {
+        "data": str(Path(args.data).resolve()),
+        "split": str(split.resolve()),
+        "image_size": args.image_size,
+        "cache_dir": str(Path(args.cache_dir).resolve()) if args.cache_dir else None,
+        "model": args.model,
+        "pretrained": args.pretrained,
+        "freeze_backbone": args.freeze_backbone,
+        "in_chans": args.in_chans,
+        "optimizer": args.optimizer,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "batch_size": args.batch_size,
+        "epochs": args.epochs,
+        "class_weights": _class_weights_arg(args.class_weights),
+        "early_stop_patience": args.early_stop_patience,
+        "lr_patience": args.lr_patience,
+        "amp": args.amp,
+        "seed": args.seed,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    from covid_ray.data.prepare import ensure_split
+    from covid_ray.models import list_models
+    from covid_ray.ray_setup import check_resources, init_ray
+
+    try:
+        if args.model not in list_models():
+            raise ValueError(f"unknown model {args.model!r}; choose one of {list_models()}")
+        split = ensure_split(args.data, args.split)
+        flat = config_from_args(args, split)
+        TrialConfig.from_flat(flat)  # fail here, not inside a worker
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    import ray
+
+    init_ray(args.address)
+    try:
+        check_resources(
+            workers=args.num_workers, cpus_per_worker=args.cpus_per_worker,
+            gpus_per_worker=1.0 if args.use_gpu else 0.0, driver_cpus=0.0,
+        )
+        name = args.name or f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+        history = (Path(args.storage_path) / name / "history.jsonl").resolve()
+        trainer = build_trainer(
+            flat, num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
+            storage_path=args.storage_path, name=name, max_failures=args.max_failures,
+            callbacks=[history_callback(history)],
+        )
+        result = trainer.fit()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        ray.shutdown()
+        return 2
+    metrics, checkpoint = best_of(result, flat.get("metric", "val_macro_f1"))
+    error = str(result.error) if result.error else None
+    ray.shutdown()
+    summary = {
+        "best_metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+        "checkpoint": checkpoint,
+        "run": str(Path(args.storage_path) / name),
+        "history": str(history),
+        "epochs_run": len(read_history(history)),
+        "error": error,
+    }
+    print(json.dumps(summary, default=str))
+    return 0 if checkpoint and not error else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
