@@ -1,7 +1,7 @@
 """One training configuration, as dataclasses built from a flat dict.
 
 Ray Tune's ``param_space`` and the search-space YAML are flat (``lr``, ``model``,
-``rotation``, ``class_mult/COVID`` ...). :meth:`TrialConfig.from_flat` turns such a dict
+``rotation``, ``class_mult.COVID`` ...). :meth:`TrialConfig.from_flat` turns such a dict
 into typed, validated dataclasses, fills defaults and fails on unknown keys, so the
 worker loop never reads a raw dict and a typo never trains silently with a default.
 """
@@ -13,7 +13,8 @@ from typing import Any
 
 from covid_ray.data.transforms import AugmentParams
 
-CLASS_MULT_PREFIX = "class_mult/"
+# A dot, not a slash: Ray Tune flattens nested configs with "/" and rejects it in names.
+CLASS_MULT_PREFIX = "class_mult."
 CLASS_WEIGHT_MODES = ("none", "balanced", "sqrt_balanced")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 AMP_MODES = ("auto", "off", "bf16")
@@ -83,7 +84,7 @@ class TrialConfig:
         owners = {f.name: klass for klass in groups for f in dataclasses.fields(klass)}
         unknown = sorted(k for k in flat if k not in owners)
         if unknown:
-            raise ValueError(f"unknown training config keys {unknown}; known keys: {sorted(owners)} and class_mult/<class>")
+            raise ValueError(f"unknown training config keys {unknown}; known keys: {sorted(owners)} and class_mult.<class>")
         for key, value in flat.items():
             groups[owners[key]][key] = value
         groups[OptimConfig].setdefault("class_mult", {}).update(mult)

@@ -183,6 +183,7 @@ def train_loop_per_worker(flat_config: dict) -> None:
             node_id=node_id,
             world_size=ctx.get_world_size(),
             resumed_from_epoch=resumed_from,
+            early_stopped=early.should_stop,
             **{f"best_{metric}": early.best, "best_epoch": early.best_epoch},
         )
         if rank == 0:

@@ -1,0 +1,221 @@
+"""The tables and plots of a finished (or interrupted) search, built from its folder.
+
+Everything is read back from disk (Tune's experiment state and each trial's
+reports), so the tables can be rebuilt at any time -- after a resume, or while a
+search still runs -- with ``python -m covid_ray.results results/NAME``.
+
+Outputs in ``results/<experiment>/``: ``trials.csv`` (one row per trial),
+``history.csv`` (one row per trial per epoch), ``leaderboard.md``,
+``metric_per_epoch.png`` and ``param_importances.png`` (+ ``.csv``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+logger = logging.getLogger(__name__)
+
+HISTORY_COLUMNS = [
+    "trial_id", "epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1",
+    "val_balanced_accuracy", "lr", "node_id", "world_size", "epoch_time_s", "checkpoint",
+]
+
+
+def _error_text(trial, tune_dir: Path) -> str:
+    # Tune writes error.txt into the trial's folder (named after its id, see covid_ray.tune).
+    text = ""
+    for path in sorted(tune_dir.glob(f"*{trial.trial_id}*/error.txt")):
+        text = path.read_text(errors="replace").strip()
+    if not text and trial.status == "ERROR":
+        text = "trial failed (no error file)"
+    # The last line of a traceback says what went wrong; keep the table readable.
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1][:500] if lines else ""
+
+
+def _history_of(trial_id: str, df: pd.DataFrame) -> pd.DataFrame:
+    if df is None or df.empty or "epoch" not in df.columns:
+        return pd.DataFrame(columns=HISTORY_COLUMNS)
+    df = df.copy()
+    df["trial_id"] = trial_id
+    df["checkpoint"] = df.get("checkpoint_path", pd.Series([""] * len(df))).fillna("").astype(str)
+    for col in HISTORY_COLUMNS:
+        if col not in df.columns:
+            df[col] = np.nan
+    # A restarted worker group reports some epochs again: the later report wins.
+    df = df.dropna(subset=["epoch"]).drop_duplicates("epoch", keep="last").sort_values("epoch")
+    df["epoch"] = df["epoch"].astype(int)
+    return df[HISTORY_COLUMNS]
+
+
+def collect(exp: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """(trials, history, meta) of the experiment in ``exp``."""
+    from ray.tune import ExperimentAnalysis
+
+    meta = json.loads((exp / "experiment.json").read_text())
+    space = yaml.safe_load((exp / "search_space.yaml").read_text())
+    metric, mode = meta["metric"], meta["mode"]
+    max_epochs = int(space.get("fixed", {}).get("epochs", 0)) or None
+    searched = list(space.get("space", {}))
+    analysis = ExperimentAnalysis(str(exp / "tune"))
+    frames = analysis.trial_dataframes
+    rows, histories = [], []
+    for trial in analysis.trials:
+        full = frames.get(trial.trial_id)
+        hist = _history_of(trial.trial_id, full)
+        histories.append(hist)
+        row = {"trial_id": trial.trial_id, "status": trial.status}
+        for name in searched:
+            row[f"config/{name}"] = trial.config.get(name)
+        values = hist[metric].astype(float) if metric in hist else pd.Series(dtype=float)
+        if len(values.dropna()):
+            best_idx = values.idxmax() if mode == "max" else values.idxmin()
+            row[f"best_{metric}"] = float(values[best_idx])
+            row["best_epoch"] = int(hist.loc[best_idx, "epoch"])
+            ckpts = hist.loc[hist["checkpoint"] != "", "checkpoint"]
+            best_ckpt = hist.loc[best_idx, "checkpoint"] or (ckpts.iloc[-1] if len(ckpts) else "")
+        else:
+            row[f"best_{metric}"], row["best_epoch"], best_ckpt = math.nan, math.nan, ""
+        row["epochs"] = int(hist["epoch"].max()) if len(hist) else 0
+        last = full.iloc[-1] if full is not None and len(full) else {}
+        patience_stop = bool(last.get("early_stopped", False)) if len(hist) else False
+        row["early_stopped"] = patience_stop
+        row["stopped_early"] = bool(
+            trial.status == "TERMINATED" and max_epochs and row["epochs"] < max_epochs and not patience_stop
+        )
+        row["wall_time_s"] = float(last.get("time_total_s", math.nan)) if len(hist) else math.nan
+        row["node_id"] = hist["node_id"].iloc[-1] if len(hist) else ""
+        row["checkpoint"] = best_ckpt if best_ckpt and Path(best_ckpt).exists() else ""
+        row["error"] = _error_text(trial, exp / "tune")
+        rows.append(row)
+    trials = pd.DataFrame(rows)
+    if len(trials):
+        trials = trials.sort_values(f"best_{metric}", ascending=(mode == "min"), na_position="last")
+    history = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame(columns=HISTORY_COLUMNS)
+    return trials.reset_index(drop=True), history, meta
+
+
+def leaderboard_markdown(trials: pd.DataFrame, meta: dict, top: int = 10) -> str:
+    metric = meta["metric"]
+    tag = " (SYNTHETIC data: these numbers describe the generator, not real radiographs)" if meta.get("synthetic") else ""
+    lines = [f"# Leaderboard: {meta['name']}{tag}", "", f"Dataset: `{Path(meta['data']).name}`; metric: `{metric}` ({meta['mode']}), validation split.", ""]
+    shown = [c for c in trials.columns if c.startswith("config/")]
+    header = ["rank", "trial", *[c.split("/", 1)[1] for c in shown], f"best {metric}", "best epoch", "epochs", "status"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    for i, (_, r) in enumerate(trials.head(top).iterrows(), start=1):
+        cells = [str(i), r["trial_id"]]
+        for c in shown:
+            v = r[c]
+            cells.append(f"{v:.3g}" if isinstance(v, float) else str(v))
+        best = r[f"best_{metric}"]
+        status = "stopped early (ASHA)" if r["stopped_early"] else ("early stop" if r["early_stopped"] else r["status"])
+        cells += [f"{best:.4f}" if pd.notna(best) else "-", str(r["best_epoch"]) if pd.notna(r["best_epoch"]) else "-", str(r["epochs"]), status]
+        lines.append("| " + " | ".join(cells) + " |")
+    errored = int((trials["status"] == "ERROR").sum()) if len(trials) else 0
+    completed = int(((trials["status"] == "TERMINATED")).sum()) if len(trials) else 0
+    wall = float(meta.get("search_wall_time_s", math.nan))
+    lines += [
+        "",
+        f"Totals: {len(trials)} trials, {completed} completed, "
+        f"{int(trials['stopped_early'].sum()) if len(trials) else 0} stopped early by ASHA, "
+        f"{errored} errored; wall time {wall / 60:.1f} min.",
+    ]
+    if errored:
+        lines += ["", "Errors:"]
+        for _, r in trials[trials["status"] == "ERROR"].iterrows():
+            lines.append(f"- `{r['trial_id']}`: {r['error']}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_history(history: pd.DataFrame, metric: str, out: Path, synthetic: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for trial_id, h in history.groupby("trial_id"):
+        ax.plot(h["epoch"], h[metric], marker="o", ms=3, lw=1.2, label=str(trial_id))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per epoch per trial" + (" (synthetic data)" if synthetic else ""))
+    ax.grid(alpha=0.3)
+    if history["trial_id"].nunique() <= 12:
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def param_importances(exp: Path, study_name: str) -> pd.DataFrame | None:
+    """Optuna's fANOVA importances from the persisted study (None when it cannot say)."""
+    import optuna
+
+    db = exp / "optuna.db"
+    if not db.is_file():
+        return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{db}")
+        imp = optuna.importance.get_param_importances(study)
+    except (ValueError, RuntimeError, KeyError) as exc:  # too few completed trials, one param...
+        logger.info("no parameter importances: %s", exc)
+        return None
+    return pd.DataFrame({"parameter": list(imp), "importance": list(imp.values())})
+
+
+def plot_importances(imp: pd.DataFrame, out: Path, synthetic: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 0.4 * len(imp) + 1.5))
+    ax.barh(imp["parameter"][::-1], imp["importance"][::-1], color="#4472c4")
+    ax.set_xlabel("importance (Optuna fANOVA)")
+    ax.set_title("Hyperparameter importances" + (" (synthetic data)" if synthetic else ""))
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def write_tables(exp: str | Path) -> dict[str, Path]:
+    """Write every table and plot of the experiment; returns their paths."""
+    exp = Path(exp)
+    trials, history, meta = collect(exp)
+    out = {"trials": exp / "trials.csv", "history": exp / "history.csv", "leaderboard": exp / "leaderboard.md"}
+    trials.to_csv(out["trials"], index=False)
+    history.to_csv(out["history"], index=False)
+    out["leaderboard"].write_text(leaderboard_markdown(trials, meta))
+    if len(history):
+        out["plot"] = exp / "metric_per_epoch.png"
+        plot_history(history, meta["metric"], out["plot"], meta.get("synthetic", False))
+    imp = param_importances(exp, meta["name"])
+    if imp is not None and len(imp):
+        imp.to_csv(exp / "param_importances.csv", index=False)
+        out["importances"] = exp / "param_importances.png"
+        plot_importances(imp, out["importances"], meta.get("synthetic", False))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m covid_ray.results results/NAME", file=sys.stderr)
+        return 2
+    paths = write_tables(Path(argv[0]))
+    print((Path(argv[0]) / "leaderboard.md").read_text())
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Search spaces as YAML: load, validate, and turn into a Ray Tune ``param_space``.
+
+A file looks like this (see ``search_spaces/quick.yaml``)::
+
+    metric: val_macro_f1          # reported by every epoch; maximized by default
+    mode: max
+    num_samples: 10
+    max_concurrent: 2
+    resources: {workers_per_trial: 1, cpus_per_worker: 1, gpus_per_worker: 0}
+    scheduler: {type: asha, max_t: 6, grace_period: 2, reduction_factor: 2}
+    searcher: {type: optuna, seed: 0, n_startup_trials: 4}
+    fixed: {image_size: 64, epochs: 6}
+    space:
+      model: {choice: [seed_cnn, resnet18, mobilenet_v3_small]}
+      lr: {loguniform: [1.0e-4, 3.0e-3]}
+
+Each parameter under ``space`` has exactly one distribution. Every key is checked:
+an unknown one is an error naming the file and the key, so a typo never runs a
+search with a silent default.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from covid_ray.config import CLASS_MULT_PREFIX, DataConfig, ModelConfig, OptimConfig
+
+DISTRIBUTIONS = {
+    "choice": "a non-empty list of values",
+    "uniform": "[low, high]",
+    "loguniform": "[low, high] with 0 < low < high",
+    "randint": "[low, high) integers",
+    "quniform": "[low, high, q]",
+    "qloguniform": "[low, high, q]",
+}
+TOP_LEVEL = {"description", "metric", "mode", "num_samples", "max_concurrent", "resources", "scheduler", "searcher", "fixed", "space"}
+SCHEDULER_KEYS = {"type", "max_t", "grace_period", "reduction_factor"}
+SEARCHER_KEYS = {"type", "seed", "n_startup_trials"}
+RESOURCE_KEYS = {"workers_per_trial", "cpus_per_worker", "gpus_per_worker", "max_failures"}
+# Set by the search itself, never by a search space.
+RESERVED = {"data", "split", "cache_dir"}
+
+
+class SearchSpaceError(ValueError):
+    pass
+
+
+@dataclass
+class SearchSpace:
+    path: str
+    metric: str = "val_macro_f1"
+    mode: str = "max"
+    num_samples: int = 8
+    max_concurrent: int = 2
+    resources: dict[str, float] = field(default_factory=lambda: {"workers_per_trial": 1, "cpus_per_worker": 1, "gpus_per_worker": 0, "max_failures": 1})
+    scheduler: dict[str, Any] = field(default_factory=lambda: {"type": "asha", "grace_period": 1, "reduction_factor": 2})
+    searcher: dict[str, Any] = field(default_factory=lambda: {"type": "optuna", "seed": 0})
+    fixed: dict[str, Any] = field(default_factory=dict)
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)
+    description: str = ""
+
+    @property
+    def max_epochs(self) -> int:
+        return int(self.fixed.get("epochs", OptimConfig().epochs))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("path")
+        return d
+
+    def param_space(self) -> dict[str, Any]:
+        """Ray Tune ``param_space``: fixed values as they are, searched ones as Tune domains."""
+        from ray import tune
+
+        out: dict[str, Any] = dict(self.fixed)
+        for name, spec in self.space.items():
+            (kind, args), = spec.items()
+            if kind == "choice":
+                out[name] = tune.choice(list(args))
+            elif kind == "uniform":
+                out[name] = tune.uniform(*args)
+            elif kind == "loguniform":
+                out[name] = tune.loguniform(*args)
+            elif kind == "randint":
+                out[name] = tune.randint(*args)
+            elif kind == "quniform":
+                out[name] = tune.quniform(*args)
+            else:
+                out[name] = tune.qloguniform(*args)
+        return out
+
+
+def _config_keys() -> set[str]:
+    return {f.name for klass in (DataConfig, ModelConfig, OptimConfig) for f in dataclasses.fields(klass)} - {"class_mult"}
+
+
+def _check_param(file: str, where: str, name: str) -> None:
+    if name in RESERVED:
+        raise SearchSpaceError(f"{file}: {where}.{name} is set by the search itself (from --data), not in a search space")
+    if name.startswith(CLASS_MULT_PREFIX):
+        if not name[len(CLASS_MULT_PREFIX):]:
+            raise SearchSpaceError(f"{file}: {where}.{name} needs a class name after '{CLASS_MULT_PREFIX}'")
+        return
+    if name not in _config_keys():
+        known = sorted(_config_keys() - RESERVED)
+        raise SearchSpaceError(f"{file}: unknown parameter {where}.{name}; known: {known} and {CLASS_MULT_PREFIX}<class>")
+
+
+def _check_distribution(file: str, name: str, spec: Any) -> None:
+    where = f"space.{name}"
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise SearchSpaceError(
+            f"{file}: {where} must have exactly one distribution, one of {sorted(DISTRIBUTIONS)}; got {spec!r}"
+        )
+    (kind, args), = spec.items()
+    if kind not in DISTRIBUTIONS:
+        raise SearchSpaceError(f"{file}: {where}: unknown distribution {kind!r}; use one of {sorted(DISTRIBUTIONS)}")
+    bad = f"{file}: {where}.{kind} must be {DISTRIBUTIONS[kind]}, got {args!r}"
+    if kind == "choice":
+        if not isinstance(args, list) or not args:
+            raise SearchSpaceError(bad)
+        return
+    if not isinstance(args, list) or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+        raise SearchSpaceError(bad)
+    if len(args) != (3 if kind.startswith("q") else 2) or not args[0] < args[1]:
+        raise SearchSpaceError(bad)
+    if "log" in kind and args[0] <= 0:
+        raise SearchSpaceError(bad)
+
+
+def _check_keys(file: str, where: str, given: dict, allowed: set[str]) -> None:
+    if not isinstance(given, dict):
+        raise SearchSpaceError(f"{file}: {where} must be a mapping, got {given!r}")
+    unknown = sorted(set(given) - allowed)
+    if unknown:
+        raise SearchSpaceError(f"{file}: unknown key {where}.{unknown[0]}; allowed: {sorted(allowed)}")
+
+
+def parse_search_space(raw: Any, file: str = "<search space>") -> SearchSpace:
+    """Validate a parsed YAML document. Raises :class:`SearchSpaceError` naming the key."""
+    if not isinstance(raw, dict):
+        raise SearchSpaceError(f"{file}: expected a mapping at the top level, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - TOP_LEVEL)
+    if unknown:
+        raise SearchSpaceError(f"{file}: unknown top-level key {unknown[0]!r}; allowed: {sorted(TOP_LEVEL)}")
+    ss = SearchSpace(path=file)
+    for key in ("metric", "mode", "num_samples", "max_concurrent", "description"):
+        if key in raw:
+            setattr(ss, key, raw[key])
+    if ss.mode not in ("max", "min"):
+        raise SearchSpaceError(f"{file}: mode must be 'max' or 'min', got {ss.mode!r}")
+    if not isinstance(ss.num_samples, int) or ss.num_samples < 1:
+        raise SearchSpaceError(f"{file}: num_samples must be a positive integer, got {ss.num_samples!r}")
+    if not isinstance(ss.max_concurrent, int) or ss.max_concurrent < 1:
+        raise SearchSpaceError(f"{file}: max_concurrent must be a positive integer, got {ss.max_concurrent!r}")
+    for key, allowed in (("resources", RESOURCE_KEYS), ("scheduler", SCHEDULER_KEYS), ("searcher", SEARCHER_KEYS)):
+        if key in raw:
+            _check_keys(file, key, raw[key], allowed)
+            getattr(ss, key).update(raw[key])
+    if ss.scheduler.get("type", "asha") not in ("asha", "fifo"):
+        raise SearchSpaceError(f"{file}: scheduler.type must be 'asha' or 'fifo', got {ss.scheduler['type']!r}")
+    if ss.searcher.get("type", "optuna") not in ("optuna", "random"):
+        raise SearchSpaceError(f"{file}: searcher.type must be 'optuna' or 'random', got {ss.searcher['type']!r}")
+    fixed = raw.get("fixed", {}) or {}
+    _check_keys(file, "fixed", fixed, set(fixed))
+    for name in fixed:
+        _check_param(file, "fixed", name)
+    space = raw.get("space", {}) or {}
+    _check_keys(file, "space", space, set(space))
+    if not space:
+        raise SearchSpaceError(f"{file}: 'space' must name at least one parameter to search")
+    for name, spec in space.items():
+        _check_param(file, "space", name)
+        _check_distribution(file, name, spec)
+        if name in fixed:
+            raise SearchSpaceError(f"{file}: {name} is both fixed and searched")
+    ss.fixed, ss.space = dict(fixed), dict(space)
+    ss.scheduler.setdefault("max_t", ss.max_epochs)
+    if ss.scheduler["max_t"] > ss.max_epochs:
+        raise SearchSpaceError(
+            f"{file}: scheduler.max_t ({ss.scheduler['max_t']}) exceeds fixed.epochs ({ss.max_epochs})"
+        )
+    models = space.get("model", {}).get("choice", [fixed.get("model", "seed_cnn")])
+    from covid_ray.models import list_models
+
+    unknown_models = [m for m in models if m not in list_models()]
+    if unknown_models:
+        raise SearchSpaceError(f"{file}: unknown model(s) {unknown_models}; registered: {list_models()}")
+    return ss
+
+
+def load_search_space(path: str | Path) -> SearchSpace:
+    """Read and validate a search-space YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SearchSpaceError(f"search space not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SearchSpaceError(f"{path}: not valid YAML: {exc}") from None
+    return parse_search_space(raw, str(path))
+
+
+def dump_search_space(ss: SearchSpace, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(ss.to_dict(), sort_keys=False))

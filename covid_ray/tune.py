@@ -1,0 +1,299 @@
+"""The search: ``python -m covid_ray.tune``.
+
+Ray Tune runs trials chosen by Optuna's TPE sampler (through ``OptunaSearch``, its
+study persisted in SQLite beside the experiment) and stops weak ones early with
+ASHA. Each trial is a small Tune *function trainable* that launches one Ray Train
+run (:func:`covid_ray.train.build_trainer`) and forwards its per-epoch reports to
+Tune with ``TuneReportCallback`` -- Ray 2.60's replacement for passing a Trainer to
+the Tuner. The trial driver itself holds only a sliver of a CPU; the DDP workers
+hold the resources asked for with ``--workers-per-trial``/``--cpus-per-worker``/
+``--gpus-per-worker`` (fractional GPUs let small models share one).
+
+Everything lands in ``results/<experiment>/`` (see :mod:`covid_ray.results`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from covid_ray.search_space import SearchSpace, SearchSpaceError, dump_search_space, load_search_space
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SEARCH_SPACE = Path("search_spaces") / "quick.yaml"
+# The trial driver only launches and relays; the DDP workers hold the real resources.
+# tune.with_resources rejects 0 CPUs, so it gets a sliver.
+DRIVER_CPUS = 0.05
+FAULT_ENV = ("COVID_RAY_FAIL_AT_EPOCH", "COVID_RAY_FAIL_RANK", "COVID_RAY_FAIL_MARKER")
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """How each trial's Ray Train run is launched (not searched, not in trial configs)."""
+
+    train_storage: str
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_failures: int = 1
+
+
+def trial_driver(config: dict, launch: LaunchSpec) -> None:
+    """Tune function trainable: run one Ray Train run and relay its reports to Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from covid_ray.train import build_trainer
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    worker_env = {k: os.environ[k] for k in FAULT_ENV if k in os.environ}
+    trainer = build_trainer(
+        config,
+        num_workers=launch.workers_per_trial,
+        use_gpu=launch.gpus_per_worker > 0,
+        cpus_per_worker=launch.cpus_per_worker,
+        gpus_per_worker=launch.gpus_per_worker or None,
+        storage_path=launch.train_storage,
+        # The same name after a driver restart: Ray Train V2 then resumes the run
+        # from its latest checkpoint in storage instead of starting over.
+        name=trial_id,
+        max_failures=launch.max_failures,
+        callbacks=[TuneReportCallback()],
+        worker_env=worker_env or None,
+    )
+    trainer.fit()
+
+
+def trial_name(trial) -> str:
+    """Short trial names and folders (Tune's default packs the whole config into them)."""
+    return f"trial_{trial.trial_id}"
+
+
+@dataclass
+class SearchOptions:
+    data: str | None
+    search_space: str
+    experiment: str
+    num_samples: int | None = None
+    max_concurrent: int | None = None
+    workers_per_trial: int | None = None
+    cpus_per_worker: float | None = None
+    gpus_per_worker: float | None = None
+    address: str | None = None
+    storage_path: str | None = None
+    resume: bool = False
+    cache_dir: str | None = None
+    seed: int = 42  # the split's seed
+
+
+def experiment_dir(storage_path: str | None, experiment: str) -> Path:
+    base = Path(storage_path) if storage_path else Path("results")
+    return (base / experiment).resolve()
+
+
+def apply_overrides(ss: SearchSpace, opts: SearchOptions) -> SearchSpace:
+    """Command-line flags win over the YAML."""
+    if opts.num_samples is not None:
+        ss.num_samples = opts.num_samples
+    if opts.max_concurrent is not None:
+        ss.max_concurrent = opts.max_concurrent
+    for flag in ("workers_per_trial", "cpus_per_worker", "gpus_per_worker"):
+        value = getattr(opts, flag)
+        if value is not None:
+            ss.resources[flag] = value
+    return ss
+
+
+def _make_searcher(ss: SearchSpace, exp: Path, experiment: str):
+    kind = ss.searcher.get("type", "optuna")
+    seed = ss.searcher.get("seed", 0)
+    if kind == "random":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=seed, max_concurrent=ss.max_concurrent)
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=ss.searcher.get("n_startup_trials", 4))
+    storage = optuna.storages.RDBStorage(f"sqlite:///{exp / 'optuna.db'}")
+    searcher = OptunaSearch(
+        metric=ss.metric, mode=ss.mode, sampler=sampler, study_name=experiment, storage=storage
+    )
+    return ConcurrencyLimiter(searcher, max_concurrent=ss.max_concurrent)
+
+
+def _make_scheduler(ss: SearchSpace):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if ss.scheduler.get("type", "asha") == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="epoch",  # not training_iteration: a restarted worker group re-reports epochs
+        max_t=int(ss.scheduler["max_t"]),
+        grace_period=int(ss.scheduler.get("grace_period", 1)),
+        reduction_factor=float(ss.scheduler.get("reduction_factor", 2)),
+    )
+
+
+def prepare_experiment(opts: SearchOptions) -> tuple[Path, SearchSpace, dict]:
+    """Resolve the data, the split and the search space; write them into the experiment folder.
+
+    Raises:
+        FileExistsError: the experiment exists and ``--resume`` was not given.
+        FileNotFoundError: ``--resume`` on an experiment that does not exist.
+    """
+    from covid_ray.data.prepare import DEFAULT_SYNTHETIC_DIR, ensure_synthetic, is_synthetic, split_dataset
+    from covid_ray.data.scan import find_dataset_root
+    from covid_ray.data.split import read_manifest
+    from covid_ray.train import manifest_classes
+
+    exp = experiment_dir(opts.storage_path, opts.experiment)
+    meta_file = exp / "experiment.json"
+    if opts.resume:
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"nothing to resume: {meta_file} does not exist")
+        meta = json.loads(meta_file.read_text())
+        ss = apply_overrides(load_search_space(exp / "search_space.yaml"), opts)
+        return exp, ss, meta
+    if exp.exists() and any(exp.iterdir()):
+        raise FileExistsError(
+            f"experiment {opts.experiment!r} already exists at {exp}; pass --resume to continue it, "
+            f"or choose another --experiment name"
+        )
+    ss = apply_overrides(load_search_space(opts.search_space), opts)
+    if opts.data is None:
+        data = ensure_synthetic(DEFAULT_SYNTHETIC_DIR)
+        print(f"no --data given: using the synthetic dataset in {data} (numbers from it are synthetic)")
+    else:
+        data = Path(opts.data)
+    root = find_dataset_root(data).resolve()
+    exp.mkdir(parents=True, exist_ok=True)
+    result = split_dataset(root, exp / "split.csv", seed=opts.seed)
+    print(result.summary)
+    if not result.usable:
+        raise FileNotFoundError(result.summary)
+    dump_search_space(ss, exp / "search_space.yaml")
+    meta = {
+        "name": opts.experiment,
+        "data": str(root),
+        "split": "split.csv",
+        "synthetic": is_synthetic(root),
+        "metric": ss.metric,
+        "mode": ss.mode,
+        "classes": manifest_classes(read_manifest(exp / "split.csv")),
+        "search_space_source": str(opts.search_space),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    meta_file.write_text(json.dumps(meta, indent=2) + "\n")
+    return exp, ss, meta
+
+
+def run_search(opts: SearchOptions) -> Path:
+    """Run (or resume) a search and write its tables. Returns the experiment folder."""
+    from ray import tune
+
+    from covid_ray.ray_setup import check_resources, init_ray
+    from covid_ray.results import write_tables
+
+    exp, ss, meta = prepare_experiment(opts)
+    init_ray(opts.address)
+    res = ss.resources
+    check_resources(
+        workers=int(res["workers_per_trial"]), cpus_per_worker=float(res["cpus_per_worker"]),
+        gpus_per_worker=float(res["gpus_per_worker"]), driver_cpus=DRIVER_CPUS, concurrent=ss.max_concurrent,
+    )
+    launch = LaunchSpec(
+        train_storage=str(exp / "train"),
+        workers_per_trial=int(res["workers_per_trial"]),
+        cpus_per_worker=float(res["cpus_per_worker"]),
+        gpus_per_worker=float(res["gpus_per_worker"]),
+        max_failures=int(res.get("max_failures", 1)),
+    )
+    (exp / "launch.json").write_text(json.dumps(asdict(launch), indent=2) + "\n")
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, launch=launch), {"CPU": DRIVER_CPUS})
+    tune_dir = exp / "tune"
+    t0 = time.time()
+    if opts.resume and tune.Tuner.can_restore(str(tune_dir)):
+        print(f"resuming the search in {exp}")
+        tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=False, restart_errored=False)
+    else:
+        fixed = {"data": meta["data"], "split": str(exp / meta["split"]), "cache_dir": opts.cache_dir}
+        param_space = {**ss.param_space(), **{k: v for k, v in fixed.items() if v is not None}}
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=ss.metric, mode=ss.mode, num_samples=ss.num_samples,
+                search_alg=_make_searcher(ss, exp, opts.experiment), scheduler=_make_scheduler(ss),
+                trial_name_creator=trial_name, trial_dirname_creator=trial_name,
+            ),
+            run_config=tune.RunConfig(
+                name="tune", storage_path=str(exp),
+                # A trial that fails is recorded and the search goes on.
+                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            ),
+        )
+    tuner.fit()
+    elapsed = time.time() - t0
+    wall = elapsed + float(meta.get("search_wall_time_s", 0.0)) if opts.resume else elapsed
+    meta["search_wall_time_s"] = wall
+    (exp / "experiment.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_tables(exp)
+    return exp
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m covid_ray.tune", description="Search architectures and hyperparameters with Ray Tune + Optuna + ASHA.")
+    p.add_argument("--data", default=None, help="dataset root; default: the synthetic dataset (generated when missing)")
+    p.add_argument("--search-space", default=str(DEFAULT_SEARCH_SPACE), help="YAML in search_spaces/ (default: quick.yaml)")
+    p.add_argument("--experiment", default="demo", help="name; results go to results/NAME/")
+    p.add_argument("--num-samples", type=int, default=None)
+    p.add_argument("--max-concurrent", type=int, default=None)
+    p.add_argument("--workers-per-trial", type=int, default=None)
+    p.add_argument("--cpus-per-worker", type=float, default=None)
+    p.add_argument("--gpus-per-worker", type=float, default=None, help="fractions let small models share a GPU")
+    p.add_argument("--address", default=None, help="join a Ray cluster (auto or HOST:PORT); default: start Ray here")
+    p.add_argument("--storage-path", default=None, help="root for the experiment folder (default: results/)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search of the same name")
+    p.add_argument("--cache-dir", default=None, help="decode cache (default: $COVID_RAY_CACHE or ~/.cache/covid_ray)")
+    p.add_argument("--split-seed", type=int, default=42)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    opts = SearchOptions(
+        data=args.data, search_space=args.search_space, experiment=args.experiment,
+        num_samples=args.num_samples, max_concurrent=args.max_concurrent,
+        workers_per_trial=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker, address=args.address, storage_path=args.storage_path,
+        resume=args.resume, cache_dir=str(Path(args.cache_dir).resolve()) if args.cache_dir else None,
+        seed=args.split_seed,
+    )
+    try:
+        exp = run_search(opts)
+    except (SearchSpaceError, FileExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    print()
+    print((exp / "leaderboard.md").read_text())
+    print(f"tables: {exp}/trials.csv, history.csv, leaderboard.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
