@@ -42,6 +42,7 @@ class LaunchSpec:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     max_failures: int = 1
+    worker_env: tuple[tuple[str, str], ...] = ()  # fault injection for the recovery tests
 
 
 def trial_driver(config: dict, launch: LaunchSpec) -> None:
@@ -52,7 +53,6 @@ def trial_driver(config: dict, launch: LaunchSpec) -> None:
     from covid_ray.train import build_trainer
 
     trial_id = ray.tune.get_context().get_trial_id()
-    worker_env = {k: os.environ[k] for k in FAULT_ENV if k in os.environ}
     trainer = build_trainer(
         config,
         num_workers=launch.workers_per_trial,
@@ -65,7 +65,7 @@ def trial_driver(config: dict, launch: LaunchSpec) -> None:
         name=trial_id,
         max_failures=launch.max_failures,
         callbacks=[TuneReportCallback()],
-        worker_env=worker_env or None,
+        worker_env=dict(launch.worker_env) or None,
     )
     trainer.fit()
 
@@ -90,6 +90,7 @@ class SearchOptions:
     resume: bool = False
     cache_dir: str | None = None
     seed: int = 42  # the split's seed
+    worker_env: dict[str, str] | None = None  # default: the COVID_RAY_FAIL_* variables of this process
 
 
 def experiment_dir(storage_path: str | None, experiment: str) -> Path:
@@ -215,6 +216,9 @@ def run_search(opts: SearchOptions) -> Path:
         cpus_per_worker=float(res["cpus_per_worker"]),
         gpus_per_worker=float(res["gpus_per_worker"]),
         max_failures=int(res.get("max_failures", 1)),
+        worker_env=tuple(sorted((opts.worker_env if opts.worker_env is not None else {
+            k: os.environ[k] for k in FAULT_ENV if k in os.environ
+        }).items())),
     )
     (exp / "launch.json").write_text(json.dumps(asdict(launch), indent=2) + "\n")
     trainable = tune.with_resources(tune.with_parameters(trial_driver, launch=launch), {"CPU": DRIVER_CPUS})

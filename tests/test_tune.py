@@ -1,0 +1,132 @@
+"""The search end to end on tiny data: tables, consistency, failures, resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from covid_ray.tune import SearchOptions, run_search
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "metric": "val_macro_f1",
+    "mode": "max",
+    "num_samples": 3,
+    "max_concurrent": 2,
+    "resources": {"workers_per_trial": 1, "cpus_per_worker": 0.9, "gpus_per_worker": 0, "max_failures": 0},
+    "scheduler": {"type": "asha", "max_t": 3, "grace_period": 1, "reduction_factor": 2},
+    "searcher": {"type": "optuna", "seed": 0, "n_startup_trials": 2},
+    "fixed": {"image_size": 40, "epochs": 3, "model": "seed_cnn", "batch_size": 16},
+    "space": {"lr": {"loguniform": [3e-4, 2e-3]}, "class_weights": {"choice": ["none", "balanced"]}},
+}
+
+
+def space_file(tmp_path, **patch) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({**TINY, **patch}))
+    return path
+
+
+def check_tables(exp: Path, n_trials: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    trials = pd.read_csv(exp / "trials.csv", keep_default_na=False, na_values=[""])
+    history = pd.read_csv(exp / "history.csv")
+    assert len(trials) == n_trials
+    for col in ("trial_id", "status", "config/lr", "config/class_weights", "best_val_macro_f1", "best_epoch",
+                "epochs", "stopped_early", "wall_time_s", "checkpoint", "error"):
+        assert col in trials.columns, col
+    assert {"trial_id", "epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr", "node_id"} <= set(history.columns)
+    for _, t in trials[trials.status == "TERMINATED"].iterrows():
+        h = history[history.trial_id == t.trial_id]
+        assert t.best_val_macro_f1 == pytest.approx(h.val_macro_f1.max())
+        assert t.epochs == h.epoch.max() and h.epoch.is_unique
+        assert Path(t.checkpoint, "model.pt").is_file()
+    for name in ("leaderboard.md", "split.csv", "data_report.json", "search_space.yaml", "metric_per_epoch.png", "optuna.db"):
+        assert (exp / name).is_file(), name
+    board = (exp / "leaderboard.md").read_text()
+    assert f"Totals: {n_trials} trials" in board
+    return trials, history
+
+
+def test_search_writes_consistent_tables_and_records_a_failing_trial(easy_split, tmp_path, ray_session):
+    root, _ = easy_split
+    marker = tmp_path / "one-failure.json"
+    exp = run_search(SearchOptions(
+        data=str(root), search_space=str(space_file(tmp_path)), experiment="tiny",
+        storage_path=str(tmp_path / "results"), cache_dir=str(tmp_path / "cache"),
+        # The first worker to reach epoch 2 dies; with max_failures 0 its trial errors.
+        worker_env={"COVID_RAY_FAIL_AT_EPOCH": "2", "COVID_RAY_FAIL_RANK": "0", "COVID_RAY_FAIL_MARKER": str(marker)},
+    ))
+    trials, history = check_tables(exp, 3)
+    assert marker.exists()
+    assert list(trials.status).count("ERROR") == 1 and list(trials.status).count("TERMINATED") == 2
+    failed = trials[trials.status == "ERROR"].iloc[0]
+    assert failed.error  # the reason is recorded
+    assert "1 errored" in (exp / "leaderboard.md").read_text()
+    meta = json.loads((exp / "experiment.json").read_text())
+    assert meta["classes"] == ["COVID", "Normal"] and meta["synthetic"] is False
+
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        run_search(SearchOptions(data=str(root), search_space=str(space_file(tmp_path)), experiment="tiny",
+                                 storage_path=str(tmp_path / "results")))
+
+
+def test_impossible_resources_fail_fast(easy_split, tmp_path, ray_session):
+    root, _ = easy_split
+    opts = dict(data=str(root), search_space=str(space_file(tmp_path)), storage_path=str(tmp_path / "r"))
+    with pytest.raises(ValueError, match=r"asked for 2 GPUs per trial .* but the cluster has no GPUs"):
+        run_search(SearchOptions(**opts, experiment="gpu", gpus_per_worker=1, workers_per_trial=2))
+    with pytest.raises(ValueError, match=r"asked for 8.05 CPUs per trial \(2 workers x 4.*the cluster has 2"):
+        run_search(SearchOptions(**opts, experiment="cpu", cpus_per_worker=4, workers_per_trial=2))
+
+
+def terminated_trials(exp: Path) -> list[str]:
+    """Trial ids that Tune's saved experiment state marks TERMINATED."""
+    states = sorted((exp / "tune").glob("experiment_state-*.json"))
+    try:
+        data = json.loads(states[-1].read_text()) if states else {"trial_data": []}
+    except (json.JSONDecodeError, OSError):
+        return []
+    trials = [json.loads(t[0]) for t in data["trial_data"]]
+    return [t["trial_id"] for t in trials if t.get("status") == "TERMINATED"]
+
+
+def test_driver_killed_mid_search_resumes_without_rerunning(easy_split, tmp_path):
+    root, _ = easy_split
+    space = space_file(tmp_path, num_samples=4, resources={**TINY["resources"], "max_failures": 1},
+                       fixed={**TINY["fixed"], "epochs": 4}, scheduler={"type": "fifo"})
+    cmd = [sys.executable, "-m", "covid_ray.tune", "--data", str(root), "--search-space", str(space),
+           "--experiment", "resumable", "--storage-path", str(tmp_path / "results"),
+           "--cache-dir", str(tmp_path / "cache")]
+    exp = tmp_path / "results" / "resumable"
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # Kill the driver (and the Ray it started) once the first trial has finished.
+    deadline = time.time() + 400
+    finished: list[str] = []
+    while time.time() < deadline and proc.poll() is None and not finished:
+        time.sleep(0.5)
+        finished = terminated_trials(exp)
+    assert finished and proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(terminated_trials(exp)) < 4  # killed mid-search
+    done_id = finished[0]
+    done_ckpts = sorted(p.name for p in (exp / "train" / done_id).glob("checkpoint_*"))
+
+    proc = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "resuming the search" in proc.stdout
+    trials, history = check_tables(exp, 4)
+    assert set(trials.status) == {"TERMINATED"}
+    # the finished trial was not run again: same checkpoints, one row per epoch
+    assert sorted(p.name for p in (exp / "train" / done_id).glob("checkpoint_*")) == done_ckpts
+    assert list(history[history.trial_id == done_id].epoch) == [1, 2, 3, 4]
