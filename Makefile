@@ -5,7 +5,6 @@ PY ?= python3
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DATA ?= data/synthetic
 EXPERIMENT ?= demo
 
 .PHONY: demo test install clean-results
@@ -22,12 +21,15 @@ $(STAMP): pyproject.toml | $(PYTHON)
 
 install: $(STAMP)
 
+# The main job on the synthetic default: search (quick profile), then the top-5 ensemble.
+# A second `make demo` resumes the same experiment instead of starting over.
 demo: $(STAMP)
-	$(PYTHON) -m covid_ray.data synth --out $(DATA) --scale 0.05
-	$(PYTHON) -m covid_ray.data split --data $(DATA) --out results/$(EXPERIMENT)/split.csv
+	$(PYTHON) -m covid_ray.tune --experiment $(EXPERIMENT) \
+		$(if $(wildcard results/$(EXPERIMENT)/experiment.json),--resume,)
+	$(PYTHON) -m ensemble.build --experiment $(EXPERIMENT) --top 5
 	@echo
-	@echo "Tables: results/$(EXPERIMENT)/split.csv and results/$(EXPERIMENT)/data_report.json (synthetic data)."
-	@echo "Next (not built yet): python -m covid_ray.tune, then python -m ensemble.build --top 5."
+	@echo "Tables (synthetic data): results/$(EXPERIMENT)/leaderboard.md, trials.csv, history.csv,"
+	@echo "and results/$(EXPERIMENT)/ensemble/report.md"
 
 test: $(STAMP)
 	$(PYTHON) -m pytest

@@ -49,6 +49,7 @@ class ModelConfig:
     pretrained: str | None = None  # a local weights file, or "torchvision" for $TORCH_HOME's cache
     freeze_backbone: bool = False
     in_chans: int = 1
+    bn_momentum: float | None = 0.1  # None keeps each architecture's own (see covid_ray.models)
 
 
 @dataclass(kw_only=True)

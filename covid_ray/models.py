@@ -432,7 +432,17 @@ def create_model(
     except (TypeError, ValueError) as exc:
         raise ValueError(f"model kwargs must be plain JSON values to be stored in checkpoints: {kwargs}") from exc
 
+    bn_momentum = kwargs.pop("bn_momentum", None)
     model = entry.builder(num_classes, in_chans, **kwargs)
+    if bn_momentum is not None:
+        # torchvision builds MobileNetV3 and EfficientNet with BatchNorm momentum 0.01,
+        # tuned for ImageNet-length schedules; after the few hundred steps of a short
+        # run their running statistics are still near their initial values and eval-mode
+        # outputs collapse to one class. PyTorch's default 0.1 settles in ~30 steps.
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = float(bn_momentum)
+        kwargs["bn_momentum"] = float(bn_momentum)
     loaded = None
     if pretrained is not None:
         path = _resolve_pretrained(name, pretrained)

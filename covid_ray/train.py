@@ -117,6 +117,7 @@ def train_loop_per_worker(flat_config: dict) -> None:
     model = create_model(
         cfg.model.model, len(classes), pretrained=cfg.model.pretrained,
         in_chans=cfg.model.in_chans, freeze_backbone=cfg.model.freeze_backbone,
+        bn_momentum=cfg.model.bn_momentum,
     )
     if cuda:
         model = model.to(memory_format=torch.channels_last)

@@ -8,7 +8,6 @@ synthetic default when no dataset is given.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,11 +113,9 @@ def ensure_synthetic(
     from covid_ray.data.synth import synthesize
 
     out = Path(out)
-    marker = out / SYNTHETIC_MARKER
-    if marker.is_file():
-        params = json.loads(marker.read_text())
-        logger.info("using synthetic dataset %s (%s images)", out, sum(params.get("counts", {}).values()) or "?")
-        return out
-    logger.info("generating the synthetic dataset in %s (scale %.3g of the real counts)", out, scale)
+    if not (out / SYNTHETIC_MARKER).is_file():
+        logger.info("generating the synthetic dataset in %s (scale %.3g of the real counts)", out, scale)
+    # A no-op when the folder already holds this exact dataset; regenerated when the
+    # generator version or the parameters differ.
     synthesize(out, scale=scale, seed=seed)
     return out
