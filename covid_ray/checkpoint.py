@@ -27,18 +27,34 @@ STATE_FILE = "train_state.pt"
 
 
 def _plain(value: Any) -> Any:
-    """JSON-able copy (NaN kept as float) so weights_only loading accepts it."""
+    """Plain Python copy (NaN kept as float) so ``weights_only`` loading accepts it.
+
+    Exact types only: ``np.float64`` subclasses ``float`` and ``np.str_`` subclasses
+    ``str``, yet torch pickles them as numpy objects that a weights-only load refuses.
+    """
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
-    if isinstance(value, (bool, int, str)) or value is None:
-        return value
-    if isinstance(value, float):
+    if value is None or type(value) in (bool, int, float, str):
         return value
     if hasattr(value, "item"):
         return value.item()
+    for kind in (bool, int, float, str):
+        if isinstance(value, kind):
+            return kind(value)
     return str(value)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities become null: metadata.json must be strict JSON."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def preprocess_spec(image_size: int, in_chans: int) -> dict:
@@ -88,10 +104,8 @@ def save_checkpoint(
     torch.save(payload, folder / MODEL_FILE)
     if train_state is not None:
         torch.save(train_state, folder / STATE_FILE)
-    (folder / "metadata.json").write_text(
-        json.dumps({k: payload[k] for k in ("format", "model", "classes", "preprocess", "metrics", "epoch")},
-                   indent=2, default=str, allow_nan=True)
-    )
+    meta = {k: payload[k] for k in ("format", "model", "classes", "preprocess", "metrics", "epoch")}
+    (folder / "metadata.json").write_text(json.dumps(_json_safe(meta), indent=2, allow_nan=False) + "\n")
     return folder
 
 
@@ -134,6 +148,3 @@ def load_train_state(folder: str | Path) -> dict | None:
         return None
     return torch.load(file, map_location="cpu", weights_only=True)
 
-
-def finite_or_none(x: float) -> float | None:
-    return x if isinstance(x, (int, float)) and math.isfinite(x) else None

@@ -8,6 +8,8 @@ worker loop never reads a raw dict and a typo never trains silently with a defau
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +20,44 @@ CLASS_MULT_PREFIX = "class_mult."
 CLASS_WEIGHT_MODES = ("none", "balanced", "sqrt_balanced")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 AMP_MODES = ("auto", "off", "bf16")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _accepts(tp: Any, value: Any) -> bool:
+    if tp is Any:
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(arg, value) for arg in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return _is_number(value)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp in (bool, str):
+        return isinstance(value, tp)
+    if origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        return isinstance(value, (list, tuple)) and all(_accepts(item, v) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _check_type(klass: type, key: str, value: Any) -> None:
+    """Raise a ValueError naming ``key`` when ``value`` does not fit the field's type.
+
+    YAML reads ``1e-3`` (no dot) as a string; without this check it would fail deep
+    inside a worker with an error that names no key.
+    """
+    tp = typing.get_type_hints(klass)[key]
+    if not _accepts(tp, value):
+        hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) and tp in (float, float | None) else ""
+        raise ValueError(f"training config key {key!r} must be {tp}, got {value!r}{hint}")
 
 
 @dataclass(kw_only=True)
@@ -80,13 +120,19 @@ class TrialConfig:
     def from_flat(cls, flat: dict[str, Any]) -> "TrialConfig":
         """Build from a flat dict; unknown keys and bad values raise ``ValueError`` naming them."""
         flat = dict(flat)
-        mult = {k[len(CLASS_MULT_PREFIX) :]: float(flat.pop(k)) for k in list(flat) if k.startswith(CLASS_MULT_PREFIX)}
+        mult = {}
+        for key in [k for k in flat if k.startswith(CLASS_MULT_PREFIX)]:
+            value = flat.pop(key)
+            if not _is_number(value):
+                raise ValueError(f"training config key {key!r} must be a number, got {value!r}")
+            mult[key[len(CLASS_MULT_PREFIX) :]] = float(value)
         groups: dict[type, dict[str, Any]] = {DataConfig: {}, ModelConfig: {}, OptimConfig: {}}
         owners = {f.name: klass for klass in groups for f in dataclasses.fields(klass)}
         unknown = sorted(k for k in flat if k not in owners)
         if unknown:
             raise ValueError(f"unknown training config keys {unknown}; known keys: {sorted(owners)} and class_mult.<class>")
         for key, value in flat.items():
+            _check_type(owners[key], key, value)
             groups[owners[key]][key] = value
         groups[OptimConfig].setdefault("class_mult", {}).update(mult)
         missing = [k for k in ("data", "split") if k not in groups[DataConfig]]

@@ -13,12 +13,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import (
-    accuracy_score,
-    confusion_matrix,
-    precision_recall_fscore_support,
-    roc_auc_score,
-)
+
+# scikit-learn is imported inside the functions that use it: importing it costs about
+# a second, paid by every new Ray Train worker that only needs validation_summary.
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +75,8 @@ def specificity_per_class(cm: np.ndarray) -> np.ndarray:
 
 def roc_auc_per_class(y_true: np.ndarray, y_prob: np.ndarray) -> np.ndarray:
     """One-vs-rest ROC-AUC per class; NaN where a class has no positives or no negatives."""
+    from sklearn.metrics import roc_auc_score
+
     y_true, y_prob = _check_inputs(y_true, y_prob)
     aucs = np.full(y_prob.shape[1], np.nan)
     for k in range(y_prob.shape[1]):
@@ -89,12 +88,16 @@ def roc_auc_per_class(y_true: np.ndarray, y_prob: np.ndarray) -> np.ndarray:
 
 def accuracy(y_true: np.ndarray, y_prob: np.ndarray) -> float:
     """Top-1 accuracy of ``argmax(y_prob)``; a ready-made ``metric_fn`` for ``bootstrap_ci``."""
+    from sklearn.metrics import accuracy_score
+
     y_true, y_prob = _check_inputs(y_true, y_prob)
     return float(accuracy_score(y_true, y_prob.argmax(axis=1)))
 
 
 def macro_f1(y_true: np.ndarray, y_prob: np.ndarray) -> float:
     """Macro F1 over classes present in ``y_true`` or the predictions (sklearn's default)."""
+    from sklearn.metrics import precision_recall_fscore_support
+
     y_true, y_prob = _check_inputs(y_true, y_prob)
     labels = np.arange(y_prob.shape[1])
     _, _, f1, _ = precision_recall_fscore_support(
@@ -121,6 +124,8 @@ def compute_metrics(y_true: np.ndarray, y_prob: np.ndarray, class_names: Sequenc
         the defined classes, as sklearn's ``f1_score(average="macro")`` and
         ``balanced_accuracy_score`` do.
     """
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
     y_true, y_prob = _check_inputs(y_true, y_prob, len(class_names))
     labels = np.arange(len(class_names))
     y_pred = y_prob.argmax(axis=1)

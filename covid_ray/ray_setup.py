@@ -22,10 +22,14 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     # Ray Train patches print() on workers into its logger, which also echoes to the
     # console: every progress line would show twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # The Train controller polls its workers every 2 s by default and takes one report
+    # per poll: epochs shorter than that are stretched, and every run ends up to 2 s late.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     if address:
         ray.init(address=address, log_to_driver=True)
         return
     ray.init(
+        address="local",  # a new Ray here, never one left running by `ray start`
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         include_dashboard=True,  # its agent frees Train V2 placement groups between trials

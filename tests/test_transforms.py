@@ -67,3 +67,12 @@ def test_bad_augment_params_are_named():
         AugmentParams(hflip=1.5)
     with pytest.raises(TypeError, match="uint8"):
         EvalPreset(image_size=8)(torch.zeros(1, 1, 9, 9))
+
+
+def test_batched_grid_equals_affine_grid():
+    import torch.nn.functional as F
+
+    from covid_ray.data.transforms import _affine_grid
+
+    theta = TrainPreset(image_size=48, augment=AugmentParams(crop_scale=(0.5, 1.0))).affine(5, 55)
+    torch.testing.assert_close(_affine_grid(theta, 48), F.affine_grid(theta, [5, 1, 48, 48], align_corners=False))

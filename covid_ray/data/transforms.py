@@ -90,6 +90,20 @@ def _normalize(x: torch.Tensor, in_chans: int) -> torch.Tensor:
     return (x - m) / s
 
 
+def _affine_grid(theta: torch.Tensor, size: int) -> torch.Tensor:
+    """``F.affine_grid(theta, [B, 1, size, size], align_corners=False)``, by broadcasting.
+
+    The same numbers (to float rounding) at about half the cost on CPU, where
+    ``affine_grid``'s batched matmul over every output pixel dominated the warp.
+    """
+    lin = (torch.arange(size, device=theta.device, dtype=theta.dtype) * 2 + 1) / size - 1
+    xs, ys = lin.view(1, 1, size), lin.view(1, size, 1)
+    a = theta.reshape(-1, 6, 1, 1)
+    gx = torch.addcmul(torch.addcmul(a[:, 2], xs, a[:, 0]), ys, a[:, 1])
+    gy = torch.addcmul(torch.addcmul(a[:, 5], xs, a[:, 3]), ys, a[:, 4])
+    return torch.stack([gx, gy], dim=-1)
+
+
 class EvalPreset:
     """Centre crop S from (B, 1, R, R) uint8 and normalize; exact, no resampling."""
 
@@ -142,7 +156,7 @@ class TrainPreset:
         x = _to_float(images)
         b, r, s = x.shape[0], x.shape[-1], self.image_size
         theta = self.affine(b, r, generator=generator).to(device=x.device, dtype=x.dtype)
-        grid = F.affine_grid(theta, [b, 1, s, s], align_corners=False)
+        grid = _affine_grid(theta, s)
         # zeros padding: the corners a rotation uncovers are black, as RandomRotation's fill=0.
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         a = self.augment
