@@ -102,8 +102,15 @@ def train_member(data, classes, name: str, seed: int, lr: float, epochs: int, *,
 
 
 def make_search(data_dir: Path, work: Path, *, image_size: int, cache_dir: Path) -> Path:
-    """Split the dataset, train ``MEMBERS`` and write a finished search folder ``work/search``."""
+    """Split the dataset, train ``MEMBERS`` and write a finished search folder ``work/search``.
+
+    A folder already complete (its trials.csv and every checkpoint there) is reused.
+    """
     folder = work / "search"
+    trials = folder / "trials.csv"
+    if trials.is_file() and all(Path(c, "model.pt").is_file() for c in pd.read_csv(trials)["checkpoint"]):
+        print(f"reusing the stand-in search in {folder}")
+        return folder
     folder.mkdir(parents=True, exist_ok=True)
     split = folder / "split.csv"
     if not split.is_file():
@@ -167,6 +174,9 @@ def render(results: dict, command: str) -> str:
         markdown_table(["model", "macro-F1", "accuracy", "ECE", "NLL"], rows),
         "",
         f"Soft ensemble macro-F1 95% bootstrap CI: [{ci[0]:.3f}, {ci[1]:.3f}].",
+        "",
+        *[f"- `{method}` weights: " + ", ".join(f"{t} {w:.2f}" for t, w in m["weights"].items() if w > 0)
+          for method, m in results.items()],
         "",
         "Members (test split):",
         "",

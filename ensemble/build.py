@@ -1,0 +1,294 @@
+"""``python -m ensemble.build --top K``: top-K ensemble of a search, calibrated, evaluated, exported.
+
+Reads ``<results>/<NAME>/`` (``experiment.json``, ``split.csv``, ``trials.csv``), picks
+the K best usable trials, combines their validation probabilities (``soft`` mean,
+``weighted`` or ``greedy`` fitted on validation), fits one temperature on validation,
+evaluates the ensemble and every member on the test split, and exports one ONNX graph
+(fp32, and int8 behind a parity gate). Everything goes to ``<experiment>/ensemble/``:
+``metrics.json``, ``report.md``, ``confusion_matrix.png``, ``roc.png``,
+``reliability.png``, ``ensemble_fp32.onnx``, ``ensemble_int8.onnx``, ``preprocess.json``
+and ``cache/`` (member probabilities, so rebuilding with another K or method is quick).
+
+Exit status: 0 done; 2 bad input (no experiment, no usable trial); 1 with ``--strict``
+when the export was refused or the int8 model failed its parity gate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from covid_ray.data.split import read_manifest
+
+from ensemble.calibrate import apply_temperature, calibration_summary, fit_temperature
+from ensemble.combine import METHODS, combine_weights, soft_vote
+from ensemble.deploy import EXPORTS, export_ensemble
+from ensemble.evaluate import covid_index, evaluate_probs, member_entry, sklearn_report
+from ensemble.members import SplitProbs, member_probabilities
+from ensemble.plots import confusion_matrix_png, reliability_png, roc_png
+from ensemble.report import render_report
+from ensemble.select import (
+    Experiment,
+    Member,
+    Selection,
+    SelectionError,
+    metric_mode,
+    read_experiment,
+    read_trials,
+    resolve_experiment_dir,
+    select_top,
+)
+
+logger = logging.getLogger("ensemble.build")
+
+OUTPUT_DIRNAME = "ensemble"
+
+
+@dataclass(kw_only=True)
+class BuildOptions:
+    """Everything ``build_ensemble`` needs besides the experiment folder."""
+
+    top: int = 5
+    metric: str | None = None  # default: the experiment's metric
+    mode: str | None = None  # default: the experiment's mode for its metric, else min for losses
+    method: str = "soft"
+    calibrate: bool = True
+    export: str = "onnx-int8"
+    strict: bool = False
+    n_boot: int = 1000
+    data_cache_dir: str | None = None  # the image decode cache (covid_ray's default when None)
+    calibration_images: int = 128  # training images for int8 activation ranges
+    latency_repeats: int = 10
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if self.export not in EXPORTS:
+            raise ValueError(f"unknown export {self.export!r}; choose one of {EXPORTS}")
+        if self.mode not in (None, "max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {self.mode!r}")
+
+
+@dataclass
+class BuildResult:
+    out_dir: Path
+    metrics: dict[str, Any]
+    exit_code: int
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe copy: NaN/inf become null, numpy scalars become Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _short(metrics: dict) -> dict:
+    keys = ("accuracy", "macro_f1", "balanced_accuracy", "roc_auc_macro", "ece", "nll", "covid_sensitivity")
+    return {k: metrics[k] for k in keys}
+
+
+def draw_figures(out_dir: Path, metrics: dict, test: SplitProbs, test_mix: np.ndarray, test_cal: np.ndarray, *,
+                 calibrated: bool) -> None:
+    """confusion_matrix.png, roc.png and reliability.png of the ensemble on the test split."""
+    classes = metrics["classes"]
+    tag = " (synthetic data)" if metrics["synthetic"] else ""
+    confusion_matrix_png(metrics["ensemble"]["confusion_matrix"], classes, out_dir / "confusion_matrix.png",
+                         title=f"Ensemble, test split{tag}")
+    roc_png(test.labels, test_cal, classes, out_dir / "roc.png", title=f"Ensemble ROC, one-vs-rest{tag}")
+    t = metrics["calibration"]["temperature"]
+    curves = {"before calibration": test_mix, f"after (T={t:.2f})": test_cal} if calibrated else {"ensemble": test_mix}
+    # Members are in rank order: the first is the one a user would deploy alone (best on validation).
+    top = metrics["members"][0]
+    curves[f"top-ranked member ({top['model']}, {top['trial_id']})"] = test.probs[0]
+    reliability_png(test.labels, curves, out_dir / "reliability.png", title=f"Reliability, test split{tag}")
+
+
+def evaluate_ensemble(
+    experiment: Experiment,
+    selection: Selection,
+    probs: dict[str, SplitProbs],
+    opts: BuildOptions,
+    out_dir: Path,
+    metric: str,
+) -> tuple[dict, np.ndarray, float]:
+    """Combine and calibrate on val, evaluate on test, draw the figures. Returns (metrics, weights, T)."""
+    classes = experiment.classes
+    val, test = probs["val"], probs["test"]
+    weights = combine_weights(opts.method, val.probs, val.labels)
+    val_mix, test_mix = soft_vote(val.probs, weights), soft_vote(test.probs, weights)
+    temperature = fit_temperature(val_mix, val.labels) if opts.calibrate else 1.0
+    val_cal, test_cal = apply_temperature(val_mix, temperature), apply_temperature(test_mix, temperature)
+
+    ensemble = evaluate_probs(test.labels, test_cal, classes, n_boot=opts.n_boot)
+    ensemble["classification_report"], ensemble["classification_report_dict"] = sklearn_report(
+        test.labels, test_cal, classes
+    )
+    members = [
+        member_entry(m, w, evaluate_probs(test.labels, test.probs[i], classes, n_boot=opts.n_boot), metric)
+        for i, (m, w) in enumerate(zip(selection.members, weights))
+    ]
+    k = covid_index(classes)
+    metrics = {
+        "experiment": experiment.name,
+        "dataset": str(experiment.data),
+        "split": str(experiment.split),
+        "synthetic": experiment.synthetic,
+        "classes": classes,
+        "covid_class": classes[k] if k is not None else None,
+        "metric": metric,
+        "method": opts.method,
+        "top": opts.top,
+        "members_used": len(selection.members),
+        "weights": {m.trial_id: float(w) for m, w in zip(selection.members, weights)},
+        "val_images": int(len(val.labels)),
+        "test_images": int(len(test.labels)),
+        "test_counts": {c: int((test.labels == i).sum()) for i, c in enumerate(classes)},
+        "n_boot": opts.n_boot,
+        "calibration": {
+            "enabled": opts.calibrate,
+            "fitted_on": "val",
+            "temperature": temperature,
+            "val": calibration_summary(val.labels, val_mix, val_cal),
+            "test": calibration_summary(test.labels, test_mix, test_cal),
+        },
+        "ensemble": ensemble,
+        "ensemble_uncalibrated": _short(evaluate_probs(test.labels, test_mix, classes, n_boot=0)),
+        "members": members,
+        "skipped": selection.skipped,
+        "notes": selection.notes,
+    }
+    draw_figures(out_dir, metrics, test, test_mix, test_cal, calibrated=opts.calibrate)
+    return metrics, weights, temperature
+
+
+def search_cache_dir(members: list[Member]) -> str | None:
+    """The decode cache the trials used (their config's ``cache_dir``), when it still exists.
+
+    Reusing it spares decoding every image again; None falls back to covid_ray's default.
+    """
+    for member in members:
+        cache = member.payload.get("config", {}).get("cache_dir")
+        if cache and Path(cache).is_dir():
+            return str(cache)
+    return None
+
+
+def build_ensemble(folder: str | Path, opts: BuildOptions) -> BuildResult:
+    """The whole build for one experiment folder.
+
+    Raises:
+        SelectionError: malformed search outputs or no usable trial.
+        ValueError, FileNotFoundError: a bad manifest or dataset.
+    """
+    experiment = read_experiment(folder)
+    metric = opts.metric or experiment.metric
+    mode = opts.mode or metric_mode(metric, experiment)
+    selection = select_top(experiment, read_trials(folder), opts.top, metric, mode)
+    for note in selection.notes:
+        logger.warning("%s", note)
+    manifest = read_manifest(experiment.split)
+    data_cache_dir = opts.data_cache_dir or search_cache_dir(selection.members)
+    out_dir = experiment.folder / OUTPUT_DIRNAME
+    out_dir.mkdir(parents=True, exist_ok=True)
+    probs = member_probabilities(
+        selection.members, experiment, manifest, ("val", "test"),
+        cache_dir=out_dir / "cache", data_cache_dir=data_cache_dir,
+    )
+    metrics, weights, temperature = evaluate_ensemble(experiment, selection, probs, opts, out_dir, metric)
+    metrics["export"] = export_ensemble(
+        selection.members, weights, temperature, experiment, manifest, out_dir,
+        kind=opts.export, data_cache_dir=data_cache_dir,
+        calibration_images=opts.calibration_images, latency_repeats=opts.latency_repeats,
+    )
+    metrics = _plain(metrics)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out_dir / "report.md").write_text(render_report(metrics))
+    export_ok = metrics["export"]["status"] in ("ok", "skipped")
+    return BuildResult(out_dir, metrics, 1 if opts.strict and not export_ok else 0)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ensemble.build", description=__doc__.split("\n")[0].strip("`"))
+    p.add_argument("--top", type=int, default=5, help="number of trials to ensemble (default 5)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--experiment", help="search name: reads <results-root>/NAME")
+    where.add_argument("--results-dir", help="the search's folder itself")
+    p.add_argument("--results-root", default="results", help="where --experiment looks (default: results)")
+    p.add_argument("--metric", default=None, help="rank trials by best_<metric> (default: the experiment's)")
+    p.add_argument("--mode", choices=["max", "min"], default=None, help="metric direction (default: inferred)")
+    p.add_argument("--method", choices=METHODS, default="soft", help="how to combine members (default soft)")
+    p.add_argument("--no-calibrate", action="store_true", help="skip temperature scaling")
+    p.add_argument("--export", choices=EXPORTS, default="onnx-int8", help="what to export (default onnx-int8)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when the export is refused or int8 fails its gate")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
+    p.add_argument("--cache-dir", default=None, help="image decode cache (default: $COVID_RAY_CACHE or ~/.cache/covid_ray)")
+    p.add_argument("--calibration-images", type=int, default=128, help="training images for int8 calibration")
+    p.add_argument("--latency-repeats", type=int, default=10, help="timed runs per latency figure (0: skip)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime (default: torch's)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def _summary_lines(m: dict, out_dir: Path) -> list[str]:
+    tag = "  [SYNTHETIC DATA]" if m["synthetic"] else ""
+    lines = [f"ensemble of {m['members_used']} (top {m['top']}, {m['method']}, T={m['calibration']['temperature']:.3f}) "
+             f"on {m['test_images']} test images{tag}"]
+    row = "{:<28} {:>9} {:>9} {:>9} {:>7}"
+    lines.append(row.format("model", "accuracy", "macro-F1", "ROC-AUC", "ECE"))
+    e = m["ensemble"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    lines.append(row.format("ensemble", fmt(e["accuracy"]), fmt(e["macro_f1"]), fmt(e["roc_auc_macro"]), fmt(e["ece"])))
+    for r in m["members"]:
+        name = f"{r['model']} ({r['trial_id']})"[:28]
+        lines.append(row.format(name, fmt(r["accuracy"]), fmt(r["macro_f1"]), fmt(r["roc_auc_macro"]), fmt(r["ece"])))
+    x = m["export"]
+    if x["status"] == "refused":
+        lines.append(f"export refused: {x['message']}")
+    elif x["status"] == "int8_rejected":
+        lines.append(f"int8 not written: {x.get('gate', {}).get('reason') or x.get('int8_error')}")
+    lines.append(f"wrote {out_dir}/ (metrics.json, report.md, figures{', ONNX' if x.get('files') else ''})")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)  # ONNX Runtime sessions follow torch's count
+    try:
+        opts = BuildOptions(
+            top=args.top, metric=args.metric, mode=args.mode, method=args.method, calibrate=not args.no_calibrate,
+            export=args.export, strict=args.strict, n_boot=args.n_boot, data_cache_dir=args.cache_dir,
+            calibration_images=args.calibration_images, latency_repeats=args.latency_repeats,
+        )
+        folder = resolve_experiment_dir(args.experiment, args.results_dir, results_root=args.results_root)
+        result = build_ensemble(folder, opts)
+    except (SelectionError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for line in _summary_lines(result.metrics, result.out_dir):
+        print(line)
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The whole ensemble as one graph: members, weighted mean, temperature -> probabilities.
+
+Input: a batch of *preprocessed* images, float32 (B, C, S, S), exactly what the eval
+preset gives (decode as 8-bit grayscale, resize to R x R, centre-crop S, divide by
+255, normalize); ``preprocess.json`` tells a client how to get there. Output: class
+probabilities (B, K) in the order of ``preprocess.json``'s ``classes``.
+
+Members must share the image size S (and so the working resolution R): each size has
+its own resize before the crop, so an input prepared for one size is not exactly what
+a member of another size was evaluated on, and resampling inside the graph would only
+approximate it. Mixed sizes are refused with a message saying which trials differ.
+Mixed channel handling is exact, so it is done inside the graph: with 1- and
+3-channel members together, the input is the 1-channel grayscale tensor and each
+3-channel member gets it un-normalized, replicated and normalized with ImageNet's
+statistics (an affine map per channel).
+
+Exporter: ``torch.onnx.export(dynamo=True)`` (torch.export + onnxscript). The legacy
+TorchScript exporter fails on ``seed_cnn``, whose ``AdaptiveAvgPool2d(14)`` does not
+divide the feature map at sizes other than 224 px; the dynamo exporter decomposes it.
+The batch axis is dynamic.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from covid_ray.data.transforms import normalization_for
+
+from ensemble.calibrate import PROB_EPS
+from ensemble.members import class_permutation, member_resize
+from ensemble.select import Member
+
+logger = logging.getLogger(__name__)
+
+INPUT_NAME, OUTPUT_NAME = "images", "probs"
+PREPROCESS_FORMAT = "covid-ray-ensemble/1"
+# ONNX protobufs are capped at 2 GiB; larger ensembles keep weights in a side file.
+INLINE_LIMIT_BYTES = 1_800_000_000
+
+
+class ExportRefused(ValueError):
+    """The ensemble cannot be one exact graph (e.g. members at different image sizes)."""
+
+
+def input_spec(members: Sequence[Member]) -> dict:
+    """Image size, working resolution, channels and normalization of the graph's input.
+
+    Raises:
+        ExportRefused: members differ in image size or working resolution.
+    """
+    sizes = {(int(m.preprocess["image_size"]), member_resize(m)) for m in members}
+    if len(sizes) > 1:
+        listing = ", ".join(
+            f"trial {m.trial_id} ({m.model_name}) {m.preprocess['image_size']}px from {member_resize(m)}px"
+            for m in members
+        )
+        raise ExportRefused(
+            f"cannot export one exact graph: members use different image sizes ({listing}). Each size has its "
+            "own resize before the centre crop, so one preprocessed input cannot be exact for all of them. "
+            "Ensemble members of one size (a search with a fixed image_size), or build with --export none."
+        )
+    (image_size, resize), = sizes
+    chans = {int(m.preprocess["in_chans"]) for m in members}
+    in_chans = chans.pop() if len(chans) == 1 else 1  # mixed: feed grayscale, adapt inside
+    mean, std = normalization_for(in_chans)
+    return {"image_size": image_size, "resize": resize, "in_chans": in_chans, "mean": list(mean), "std": list(std)}
+
+
+class InputAdapter(nn.Module):
+    """Turn the ensemble's normalized input into a member's: un-normalize, replicate, normalize.
+
+    ``x01 = x[:, :1] * std_in + mean_in`` recovers the [0, 1] gray image (every channel
+    of a replicated gray input holds the same values); then ``(x01 - mean_m) / std_m``
+    per member channel, folded into one scale and shift.
+    """
+
+    def __init__(self, spec: dict, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        mean_t, std_t = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+        self.register_buffer("scale", (spec["std"][0] / std_t).view(1, -1, 1, 1))
+        self.register_buffer("shift", ((spec["mean"][0] - mean_t) / std_t).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :1] * self.scale + self.shift
+
+
+class EnsembleModule(nn.Module):
+    """``softmax(log(sum_i w_i softmax(f_i(x))) / T)``, members with zero weight left out."""
+
+    def __init__(self, members: Sequence[Member], weights: Sequence[float], temperature: float, classes: Sequence[str]):
+        super().__init__()
+        keep = [i for i, w in enumerate(weights) if w > 0]
+        if not keep:
+            raise ValueError("every member has weight 0")
+        self.spec = input_spec([members[i] for i in keep])
+        total = float(sum(weights[i] for i in keep))
+        self.trial_ids = [members[i].trial_id for i in keep]
+        self.weights = [float(weights[i]) / total for i in keep]
+        self.temperature = float(temperature)
+        self.members = nn.ModuleList(members[i].model.eval() for i in keep)
+        adapters, self._permute = [], []
+        for i in keep:
+            pre = members[i].preprocess
+            same = int(pre["in_chans"]) == self.spec["in_chans"] and list(pre["mean"]) == self.spec["mean"] \
+                and list(pre["std"]) == self.spec["std"]
+            adapters.append(nn.Identity() if same else InputAdapter(self.spec, pre["mean"], pre["std"]))
+            perm = class_permutation(members[i].classes, classes)
+            self._permute.append(None if (perm == np.arange(len(perm))).all() else perm.tolist())
+        self.adapters = nn.ModuleList(adapters)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mix = None
+        for model, adapt, w, perm in zip(self.members, self.adapters, self.weights, self._permute):
+            p = torch.softmax(model(adapt(x)), dim=1)
+            if perm is not None:
+                p = p[:, perm]
+            mix = w * p if mix is None else mix + w * p
+        if self.temperature != 1.0:
+            mix = torch.softmax(torch.log(mix.clamp_min(PROB_EPS)) / self.temperature, dim=1)
+        return mix
+
+
+def export_onnx(module: EnsembleModule, path: str | Path, *, opset: int = 18) -> Path:
+    """Write ``module`` as ONNX with a dynamic batch axis; one file below 1.8 GB of weights."""
+    path = Path(path)
+    spec = module.spec
+    example = torch.zeros(2, spec["in_chans"], spec["image_size"], spec["image_size"])
+    n_bytes = sum(p.numel() * p.element_size() for p in module.state_dict().values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.export's notes on internal APIs, not actionable here
+        torch.onnx.export(
+            module.eval(), (example,), str(path), dynamo=True, opset_version=opset,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}},
+            external_data=n_bytes > INLINE_LIMIT_BYTES, verbose=False,
+        )
+    return path
+
+
+def preprocess_json(module: EnsembleModule, classes: Sequence[str], *, synthetic: bool) -> dict:
+    """What a client needs to feed the exported graph (MONAI-style metadata)."""
+    spec = module.spec
+    s, r, c = spec["image_size"], spec["resize"], spec["in_chans"]
+    return {
+        "format": PREPROCESS_FORMAT,
+        "input": {"name": INPUT_NAME, "shape": ["batch", c, s, s], "dtype": "float32"},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(classes)], "meaning": "class probabilities"},
+        "image_size": s,
+        "resize": r,
+        "crop": "center",
+        "in_chans": c,
+        "mean": spec["mean"],
+        "std": spec["std"],
+        "value_range": "uint8 / 255 before normalization",
+        "steps": [
+            "decode as 8-bit grayscale",
+            f"resize the shorter side to {r} (bilinear, antialiased, as PIL) and centre-crop {r}x{r}",
+            f"centre-crop {s}x{s}",
+            "divide by 255",
+            *(["replicate the gray channel to 3 channels"] if c == 3 else []),
+            "subtract mean and divide by std per channel",
+        ],
+        "classes": list(classes),
+        "temperature": module.temperature,
+        "members": [{"trial_id": t, "weight": w} for t, w in zip(module.trial_ids, module.weights)],
+        "synthetic": bool(synthetic),
+    }
+
+
+def write_preprocess_json(meta: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(meta, indent=2) + "\n")
+    return path
