@@ -11,7 +11,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
-    """One intra-op thread: on 2 shared cores, more threads oversubscribe and crawl."""
+    """One intra-op thread for every test: tiny models gain nothing from more, and on a
+    loaded 2-core machine a 2-thread OpenMP region waits for a descheduled thread (one
+    step took 19 s instead of 0.3 s)."""
     import torch
 
     before = torch.get_num_threads()

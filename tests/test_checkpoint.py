@@ -28,17 +28,6 @@ SIZE = 64
 SMALL = "mobilenet_v3_small"
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine a
-    2-thread OpenMP region waits for a descheduled thread: one test step took 19 s instead
-    of 0.3 s. One thread keeps these tests fast and their timing stable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _trained_a_little(name: str, in_chans: int) -> nn.Module:
     """A model whose weights and BatchNorm statistics differ from a fresh build."""
     torch.manual_seed(0)

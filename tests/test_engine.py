@@ -24,17 +24,6 @@ CLASSES = ["COVID", "Lung_Opacity", "Normal"]
 COUNTS = np.array([10, 30, 60])  # N = 100, K = 3
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine a
-    2-thread OpenMP region waits for a descheduled thread: one test step took 19 s instead
-    of 0.3 s. One thread keeps these tests fast and their timing stable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------ class weights
 
 

@@ -16,15 +16,6 @@ from ensemble.quantize import parity_gate, quantize_int8, run_onnx, session
 from ensemble.select import Experiment, Member, SelectionError, rank_trials
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine, two spinning threads run 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def random_probs(seed: int, members: int = 4, n: int = 200, k: int = 3, *, skill: float = 1.5):
     """Member probabilities of varied quality and the labels they try to predict."""
     rng = np.random.default_rng(seed)

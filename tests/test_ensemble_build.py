@@ -31,15 +31,6 @@ TRIALS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine, two spinning threads run 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @torch.no_grad()
 def _recalibrate_batchnorm(model: torch.nn.Module, loader, preset) -> None:
     """Exact BatchNorm running statistics over the training images.

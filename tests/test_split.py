@@ -17,7 +17,7 @@ from covid_ray.data.split import (
     read_manifest,
     split_targets,
 )
-from helpers import make_kaggle, smooth_image, write_png
+from helpers import make_kaggle
 
 COUNTS = {"COVID": 37, "Lung_Opacity": 23, "Normal": 51, "Viral Pneumonia": 9}
 
