@@ -94,8 +94,9 @@ class SearchOptions:
 
 
 def experiment_dir(storage_path: str | None, experiment: str) -> Path:
-    base = Path(storage_path) if storage_path else Path("results")
-    return (base / experiment).resolve()
+    from covid_ray.storage import local_experiment_dir  # a URI's driver files live in a local mirror
+
+    return local_experiment_dir(storage_path, experiment)
 
 
 def apply_overrides(ss: SearchSpace, opts: SearchOptions) -> SearchSpace:
@@ -202,16 +203,20 @@ def run_search(opts: SearchOptions) -> Path:
 
     from covid_ray.ray_setup import check_resources, init_ray
     from covid_ray.results import write_tables
+    from covid_ray.storage import ExperimentStorage, check_storage
 
+    store = ExperimentStorage.create(opts.storage_path, opts.experiment)
+    store.before_prepare(resume=opts.resume)
     exp, ss, meta = prepare_experiment(opts)
     init_ray(opts.address)
+    check_storage(store.root, data=meta["data"])  # every node must see the experiment folder and the data
     res = ss.resources
     check_resources(
         workers=int(res["workers_per_trial"]), cpus_per_worker=float(res["cpus_per_worker"]),
         gpus_per_worker=float(res["gpus_per_worker"]), driver_cpus=DRIVER_CPUS, concurrent=ss.max_concurrent,
     )
     launch = LaunchSpec(
-        train_storage=str(exp / "train"),
+        train_storage=store.train_storage,
         workers_per_trial=int(res["workers_per_trial"]),
         cpus_per_worker=float(res["cpus_per_worker"]),
         gpus_per_worker=float(res["gpus_per_worker"]),
@@ -221,14 +226,15 @@ def run_search(opts: SearchOptions) -> Path:
         }).items())),
     )
     (exp / "launch.json").write_text(json.dumps(asdict(launch), indent=2) + "\n")
+    store.push()
     trainable = tune.with_resources(tune.with_parameters(trial_driver, launch=launch), {"CPU": DRIVER_CPUS})
-    tune_dir = exp / "tune"
+    tune_dir = store.tune_dir
     t0 = time.time()
-    if opts.resume and tune.Tuner.can_restore(str(tune_dir)):
-        print(f"resuming the search in {exp}")
-        tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=False, restart_errored=False)
+    if opts.resume and tune.Tuner.can_restore(tune_dir):
+        print(f"resuming the search in {store.root}")
+        tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_errored=False, restart_errored=False)
     else:
-        fixed = {"data": meta["data"], "split": str(exp / meta["split"]), "cache_dir": opts.cache_dir}
+        fixed = {"data": meta["data"], "split": store.worker_split(exp / meta["split"]), "cache_dir": opts.cache_dir}
         param_space = {**ss.param_space(), **{k: v for k, v in fixed.items() if v is not None}}
         tuner = tune.Tuner(
             trainable,
@@ -239,9 +245,11 @@ def run_search(opts: SearchOptions) -> Path:
                 trial_name_creator=trial_name, trial_dirname_creator=trial_name,
             ),
             run_config=tune.RunConfig(
-                name="tune", storage_path=str(exp),
-                # A trial that fails is recorded and the search goes on.
-                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                name="tune", storage_path=store.root, callbacks=store.tune_callbacks(),
+                # A trial that fails is recorded and the search goes on. Ray Train retries
+                # a lost worker; one Tune retry restarts a trial whose driver (and Train
+                # controller) died with its node -- Train resumes it from its checkpoint.
+                failure_config=tune.FailureConfig(max_failures=min(launch.max_failures, 1), fail_fast=False),
             ),
         )
     tuner.fit()
@@ -249,7 +257,9 @@ def run_search(opts: SearchOptions) -> Path:
     wall = elapsed + float(meta.get("search_wall_time_s", 0.0)) if opts.resume else elapsed
     meta["search_wall_time_s"] = wall
     (exp / "experiment.json").write_text(json.dumps(meta, indent=2) + "\n")
+    store.pull_tune_state()
     write_tables(exp)
+    store.publish_tables()
     return exp
 
 

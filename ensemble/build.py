@@ -8,6 +8,9 @@ evaluates the ensemble and every member on the test split, and exports one ONNX 
 ``metrics.json``, ``report.md``, ``confusion_matrix.png``, ``roc.png``,
 ``reliability.png``, ``ensemble_fp32.onnx``, ``ensemble_int8.onnx``, ``preprocess.json``
 and ``cache/`` (member probabilities, so rebuilding with another K or method is quick).
+The report also gives the mean share of the ensemble's Grad-CAM inside the lung masks
+over a seeded sample of test images (``--lung-cam-images``, default 32; Grad-CAM costs
+a backward pass per member and image, so not the whole split).
 
 Exit status: 0 done; 2 bad input (no experiment, no usable trial); 1 with ``--strict``
 when the export was refused or the int8 model failed its parity gate.
@@ -19,20 +22,23 @@ import json
 import logging
 import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
+from covid_ray.data.scan import find_dataset_root
 from covid_ray.data.split import read_manifest
 
 from ensemble.calibrate import apply_temperature, calibration_summary, fit_temperature
 from ensemble.combine import METHODS, combine_weights, soft_vote
 from ensemble.deploy import EXPORTS, export_ensemble
 from ensemble.evaluate import covid_index, evaluate_probs, member_entry, sklearn_report
-from ensemble.members import SplitProbs, member_probabilities
+from ensemble.members import SplitProbs, member_probabilities, sample_rows
 from ensemble.plots import confusion_matrix_png, reliability_png, roc_png
 from ensemble.report import render_report
 from ensemble.select import (
@@ -67,6 +73,7 @@ class BuildOptions:
     data_cache_dir: str | None = None  # the image decode cache (covid_ray's default when None)
     calibration_images: int = 128  # training images for int8 activation ranges
     latency_repeats: int = 10
+    lung_cam_images: int = 32  # test images (with masks) for the in-lung Grad-CAM share; 0 skips it
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -188,6 +195,35 @@ def search_cache_dir(members: list[Member]) -> str | None:
     return None
 
 
+def lung_cam_summary(experiment: Experiment, manifest: pd.DataFrame, members: list[Member], weights: np.ndarray,
+                     limit: int) -> dict:
+    """Mean in-lung share of the ensemble's Grad-CAM over a seeded sample of test images with masks.
+
+    The map is for the ensemble's predicted class, members weighted as in the
+    ensemble (see :mod:`covid_ray.gradcam`). Only the test split is read, and nothing
+    is fitted on it.
+    """
+    from covid_ray.gradcam import GradCam, cam_members_from_models, lung_share_summary
+
+    test = manifest[manifest["split"] == "test"]
+    if "mask" in test.columns:
+        test = test[test["mask"].astype(str).str.strip() != ""]
+    else:
+        test = test.iloc[:0]
+    if test.empty:
+        return {"images": 0, "available": 0, "note": "no test image has a lung mask in the split manifest"}
+    root = find_dataset_root(experiment.data)
+    picked = test.iloc[sample_rows(len(test), limit)]
+    items = [(root / p, root / m) for p, m in zip(picked["path"], picked["mask"])]
+    cam = GradCam(cam_members_from_models([(m.trial_id, m.model, float(w), m.payload) for m, w in zip(members, weights)]),
+                  experiment.classes)
+    start = time.perf_counter()
+    summary = lung_share_summary(cam, items, available=len(test))
+    summary.update(sample_seed=0, seconds=round(time.perf_counter() - start, 1),
+                   member_models={m.trial_id: m.model_name for m in members})
+    return summary
+
+
 def build_ensemble(folder: str | Path, opts: BuildOptions) -> BuildResult:
     """The whole build for one experiment folder.
 
@@ -210,6 +246,13 @@ def build_ensemble(folder: str | Path, opts: BuildOptions) -> BuildResult:
         cache_dir=out_dir / "cache", data_cache_dir=data_cache_dir,
     )
     metrics, weights, temperature = evaluate_ensemble(experiment, selection, probs, opts, out_dir, metric)
+    if opts.lung_cam_images > 0:
+        try:
+            metrics["lung_cam"] = lung_cam_summary(experiment, manifest, selection.members, weights,
+                                                   opts.lung_cam_images)
+        except (ValueError, RuntimeError, OSError) as exc:  # a diagnostic: never lose the build over it
+            logger.exception("in-lung Grad-CAM share failed")
+            metrics["lung_cam"] = {"images": 0, "available": 0, "note": f"failed: {type(exc).__name__}: {exc}"}
     metrics["export"] = export_ensemble(
         selection.members, weights, temperature, experiment, manifest, out_dir,
         kind=opts.export, data_cache_dir=data_cache_dir,
@@ -243,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-images", type=int, default=128, help="training images for int8 calibration")
     p.add_argument("--latency-repeats", type=int, default=10, help="timed runs per latency figure (0: skip)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime (default: torch's)")
+    p.add_argument("--lung-cam-images", type=int, default=32,
+                   help="test images with lung masks for the in-lung Grad-CAM share (default 32; 0: skip)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -259,6 +304,10 @@ def _summary_lines(m: dict, out_dir: Path) -> list[str]:
     for r in m["members"]:
         name = f"{r['model']} ({r['trial_id']})"[:28]
         lines.append(row.format(name, fmt(r["accuracy"]), fmt(r["macro_f1"]), fmt(r["roc_auc_macro"]), fmt(r["ece"])))
+    lung = m.get("lung_cam")
+    if lung and lung.get("images"):
+        lines.append(f"in-lung Grad-CAM share: mean {lung['mean']:.3f} over {lung['images']} test images "
+                     f"(the lungs cover {lung['lung_area_mean']:.3f} of the crop)")
     x = m["export"]
     if x["status"] == "refused":
         lines.append(f"export refused: {x['message']}")
@@ -279,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             top=args.top, metric=args.metric, mode=args.mode, method=args.method, calibrate=not args.no_calibrate,
             export=args.export, strict=args.strict, n_boot=args.n_boot, data_cache_dir=args.cache_dir,
             calibration_images=args.calibration_images, latency_repeats=args.latency_repeats,
+            lung_cam_images=args.lung_cam_images,
         )
         folder = resolve_experiment_dir(args.experiment, args.results_dir, results_root=args.results_root)
         result = build_ensemble(folder, opts)

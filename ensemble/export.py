@@ -102,6 +102,13 @@ class EnsembleModule(nn.Module):
         self.spec = input_spec([members[i] for i in keep])
         total = float(sum(weights[i] for i in keep))
         self.trial_ids = [members[i].trial_id for i in keep]
+        # Where each member's torch weights live, for Grad-CAM (covid_ray.gradcam) at inference.
+        self.sources = [
+            {"model": members[i].model_name, "checkpoint": str(Path(members[i].checkpoint).resolve()),
+             "sha256": members[i].digest}
+            if members[i].checkpoint is not None else {"model": members[i].model_name}
+            for i in keep
+        ]
         self.weights = [float(weights[i]) / total for i in keep]
         self.temperature = float(temperature)
         self.members = nn.ModuleList(members[i].model.eval() for i in keep)
@@ -169,7 +176,10 @@ def preprocess_json(module: EnsembleModule, classes: Sequence[str], *, synthetic
         ],
         "classes": list(classes),
         "temperature": module.temperature,
-        "members": [{"trial_id": t, "weight": w} for t, w in zip(module.trial_ids, module.weights)],
+        # trial_id and weight as before; model, checkpoint (its model.pt) and sha256 added for Grad-CAM.
+        "members": [
+            {"trial_id": t, "weight": w, **src} for t, w, src in zip(module.trial_ids, module.weights, module.sources)
+        ],
         "synthetic": bool(synthetic),
     }
 

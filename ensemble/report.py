@@ -143,6 +143,38 @@ def _export_section(x: dict | None) -> list[str]:
     return lines
 
 
+def _lung_cam_section(m: dict) -> list[str]:
+    lc = m.get("lung_cam")
+    if not lc:
+        return ["Not computed (`--lung-cam-images 0`)."]
+    if not lc.get("images"):
+        return [f"Not computed: {lc.get('note') or 'no sampled test image could be scored'}."]
+    rows = [
+        ["mean", _f(lc["mean"], 3)], ["median", _f(lc["median"], 3)],
+        ["min / max", f"{_f(lc['min'], 3)} / {_f(lc['max'], 3)}"],
+        ["images with less than half inside", f"{lc['below_half']} of {lc['images']}"],
+        ["lung area share of the crop (what a uniform map scores)", _f(lc["lung_area_mean"], 3)],
+    ]
+    models = lc.get("member_models", {})
+    member_rows = [[f"{models.get(t, '')} ({t})".strip(), _f(v, 3)] for t, v in lc.get("members", {}).items()]
+    lines = [
+        f"Share of the ensemble's Grad-CAM mass inside the lung masks (the map of the predicted class, members "
+        f"weighted as in the ensemble) over {lc['images']} of {lc['available']} test images with masks "
+        f"(seeded random sample; `--lung-cam-images`).",
+        "",
+        *_table(["statistic", "in-lung share"], rows),
+        "",
+        *_table(["member", "mean in-lung share"], member_rows),
+        "",
+        "A share well above the lung area means the evidence lies in the lung fields; near or below it, the model "
+        "may be using shortcuts outside them (text markers, borders, devices). The map has the resolution of the "
+        "last feature map (7x7 for ResNet at 224 px, 2x2 at 64 px), so at small image sizes the share is coarse.",
+    ]
+    if lc.get("skipped_count"):
+        lines += ["", f"{lc['skipped_count']} sampled images were skipped (unreadable, or an empty map or mask)."]
+    return lines
+
+
 def render_report(m: dict) -> str:
     """The whole ``report.md`` from the ``metrics.json`` dict."""
     title = f"# Ensemble report: {m['experiment']}" + (" (synthetic data)" if m["synthetic"] else "")
@@ -151,6 +183,7 @@ def render_report(m: dict) -> str:
     lines += ["## Calibration", ""] + _calibration_section(m)
     lines += ["## Test split: ensemble and members", ""] + _comparison_section(m)
     lines += ["## Per-class metrics of the ensemble (test)", ""] + _per_class_section(m)
+    lines += ["## Where the ensemble looks: in-lung Grad-CAM share (test)", ""] + _lung_cam_section(m) + [""]
     lines += [
         "## Figures", "",
         "![confusion matrix](confusion_matrix.png)", "",

@@ -245,3 +245,47 @@ ray.shutdown()
     assert (got["no_token"], got["wrong_token"], got["token"]) == (401, 403, 200)
     if not got["node_ip"].startswith("127."):
         assert got["outside"] == "refused"  # the dashboard/jobs port is not on the machine's address
+
+
+def test_uri_storage_fails_fast_while_workers_cannot_read_the_split(easy_split, tmp_path, monkeypatch):
+    from covid_ray.storage import StorageError, manifest_reads_uris
+    from covid_ray.tune import SearchOptions, run_search
+
+    if manifest_reads_uris():
+        pytest.skip("read_manifest reads URIs: URI storage is enabled")
+    monkeypatch.setenv("COVID_RAY_MIRROR", str(tmp_path / "mirror"))
+    root, _ = easy_split
+    with pytest.raises(StorageError, match=r"s3://bucket/covid: URI storage is not supported yet.*shared filesystem"):
+        run_search(SearchOptions(data=str(root), search_space=str(write_space(tmp_path)), experiment="e",
+                                 storage_path="s3://bucket/covid"))
+    assert not (tmp_path / "mirror").exists()  # nothing written, no Ray started
+
+
+def test_pull_rewrites_checkpoint_paths_into_the_copy(tmp_path):
+    """A URI experiment downloaded for ensemble.build: its tables point into the copy."""
+    from covid_ray.storage import pull_experiment
+
+    remote = tmp_path / "bucket" / "exp"
+    for trial, epoch in (("t1", 2), ("t2", 1)):
+        ckpt = remote / "train" / trial / f"checkpoint_{epoch}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "model.pt").write_text("weights")
+    (remote / "experiment.json").write_text("{}")
+    uri = f"file://{remote}"
+    # As written at the end of a URI search: trial checkpoints filled in as URIs, history
+    # with the pyarrow paths Ray reported, and one trial left empty (not on local disk).
+    pd.DataFrame({"trial_id": ["t1", "t2"], "best_epoch": [2.0, 1.0],
+                  "checkpoint": [f"{uri}/train/t1/checkpoint_2", ""]}).to_csv(remote / "trials.csv", index=False)
+    pd.DataFrame({"trial_id": ["t1", "t1", "t2", "t2"], "epoch": [1, 2, 1, 2],
+                  "checkpoint": [f"{remote}/train/t1/checkpoint_1", f"{remote}/train/t1/checkpoint_2",
+                                 f"{remote}/train/t2/checkpoint_1", ""]}).to_csv(remote / "history.csv", index=False)
+    dest = pull_experiment(uri, tmp_path / "copy")
+    trials = pd.read_csv(dest / "trials.csv", keep_default_na=False)
+    history = pd.read_csv(dest / "history.csv", keep_default_na=False)
+    assert list(trials.checkpoint) == [str(dest / "train/t1/checkpoint_2"), str(dest / "train/t2/checkpoint_1")]
+    assert all(Path(c, "model.pt").is_file() for c in trials.checkpoint)
+    assert list(history.checkpoint)[:3] == [str(dest / f"train/{t}") for t in
+                                            ("t1/checkpoint_1", "t1/checkpoint_2", "t2/checkpoint_1")]
+    with pytest.raises(FileNotFoundError, match="no experiment at"):
+        pull_experiment(f"file://{tmp_path / 'nothing'}", tmp_path / "copy2")
+
