@@ -156,3 +156,17 @@ def test_parallel_scan_matches_serial(tmp_path):
     b = split_dataset(root, tmp_path / "b" / "s.csv", workers=2)
     assert (tmp_path / "a" / "s.csv").read_bytes() == (tmp_path / "b" / "s.csv").read_bytes()
     assert a.report["counts"] == b.report["counts"]
+
+
+def test_default_split_is_made_once_then_reused(tmp_path, monkeypatch):
+    from covid_ray.data.prepare import default_split_path, ensure_split
+
+    monkeypatch.chdir(tmp_path)
+    root = make_kaggle(tmp_path / "ds", {"COVID": 3, "Normal": 3})
+    path = ensure_split(root)
+    assert path == default_split_path(root) and path.is_file()
+    assert path.parts[:2] == ("results", "splits")
+    stamp = path.stat().st_mtime_ns
+    assert ensure_split(root) == path and path.stat().st_mtime_ns == stamp  # reused, not rewritten
+    with pytest.raises(FileNotFoundError, match="nope.csv"):
+        ensure_split(root, tmp_path / "nope.csv")
