@@ -170,3 +170,9 @@ def test_default_split_is_made_once_then_reused(tmp_path, monkeypatch):
     assert ensure_split(root) == path and path.stat().st_mtime_ns == stamp  # reused, not rewritten
     with pytest.raises(FileNotFoundError, match="nope.csv"):
         ensure_split(root, tmp_path / "nope.csv")
+
+
+def test_extreme_aspect_ratio_is_refused():
+    strip = np.full((2, 400), 128, np.uint8)
+    with pytest.raises(BadImageError, match="aspect ratio"):
+        decode_grayscale(png_bytes(strip), name="strip.png")

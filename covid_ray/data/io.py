@@ -20,6 +20,9 @@ from PIL import Image, UnidentifiedImageError
 # it is decoded: a small PNG whose header claims 30000x30000 would otherwise allocate
 # gigabytes (a "decompression bomb").
 MAX_PIXELS = 8192 * 8192
+# A radiograph is roughly square; a 1x60000 strip passes the pixel limit but would
+# become a 73 x 4.4-million array once its short side is resized up.
+MAX_ASPECT = 10.0
 
 
 class BadImageError(ValueError):
@@ -105,6 +108,8 @@ def decode_grayscale(data: bytes, *, name: str = "", max_pixels: int = MAX_PIXEL
         notes.append(f"{fmt} data under a {suffix} name")
     if w == 0 or h == 0:
         raise BadImageError(f"image has zero size ({w}x{h})")
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise BadImageError(f"implausible shape for a radiograph: {w}x{h} (aspect ratio over {MAX_ASPECT:g}:1)")
     return Decoded(_to_uint8(im, notes), notes)
 
 
