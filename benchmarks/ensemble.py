@@ -166,7 +166,7 @@ def render(results: dict, command: str) -> str:
         f"Command: `{command}` &nbsp; Date: {today()}",
         f"Machine: {machine_note()}; torch intra-op threads: {torch.get_num_threads()}.",
         "",
-        f"Dataset `{soft['dataset']}`{' (**synthetic**)' if soft['synthetic'] else ''}: "
+        f"Dataset `{Path(soft['dataset']).name}`{' (**synthetic**)' if soft['synthetic'] else ''}: "
         f"test split {soft['test_images']} images, validation {soft['val_images']}. "
         f"{soft['members_used']} members (top {soft['top']} by validation macro-F1). Weights, greedy selection "
         "and the temperature are fitted on validation only.",
