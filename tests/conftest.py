@@ -63,9 +63,16 @@ def easy_split(tmp_path_factory):
     return root, base / "split.csv"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_session():
-    """One embedded Ray for the whole session: starting it costs seconds."""
+    """One embedded Ray per test module (starting it costs seconds).
+
+    Module-scoped, not session-scoped, and each module runs its subprocess tests
+    (which start their own Ray) before the tests that use this fixture: with two Ray
+    instances on one machine, Ray Train's placement-group cleaner cannot tell which
+    cluster it belongs to, finished trials keep their CPUs and the next trial's
+    worker group times out.
+    """
     import ray
 
     from covid_ray.ray_setup import init_ray

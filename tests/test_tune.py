@@ -56,38 +56,6 @@ def check_tables(exp: Path, n_trials: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     return trials, history
 
 
-def test_search_writes_consistent_tables_and_records_a_failing_trial(easy_split, tmp_path, ray_session):
-    root, _ = easy_split
-    marker = tmp_path / "one-failure.json"
-    exp = run_search(SearchOptions(
-        data=str(root), search_space=str(space_file(tmp_path)), experiment="tiny",
-        storage_path=str(tmp_path / "results"), cache_dir=str(tmp_path / "cache"),
-        # The first worker to reach epoch 2 dies; with max_failures 0 its trial errors.
-        worker_env={"COVID_RAY_FAIL_AT_EPOCH": "2", "COVID_RAY_FAIL_RANK": "0", "COVID_RAY_FAIL_MARKER": str(marker)},
-    ))
-    trials, history = check_tables(exp, 3)
-    assert marker.exists()
-    assert list(trials.status).count("ERROR") == 1 and list(trials.status).count("TERMINATED") == 2
-    failed = trials[trials.status == "ERROR"].iloc[0]
-    assert failed.error  # the reason is recorded
-    assert "1 errored" in (exp / "leaderboard.md").read_text()
-    meta = json.loads((exp / "experiment.json").read_text())
-    assert meta["classes"] == ["COVID", "Normal"] and meta["synthetic"] is False
-
-    with pytest.raises(FileExistsError, match="pass --resume"):
-        run_search(SearchOptions(data=str(root), search_space=str(space_file(tmp_path)), experiment="tiny",
-                                 storage_path=str(tmp_path / "results")))
-
-
-def test_impossible_resources_fail_fast(easy_split, tmp_path, ray_session):
-    root, _ = easy_split
-    opts = dict(data=str(root), search_space=str(space_file(tmp_path)), storage_path=str(tmp_path / "r"))
-    with pytest.raises(ValueError, match=r"asked for 2 GPUs per trial .* but the cluster has no GPUs"):
-        run_search(SearchOptions(**opts, experiment="gpu", gpus_per_worker=1, workers_per_trial=2))
-    with pytest.raises(ValueError, match=r"asked for 8.05 CPUs per trial \(2 workers x 4.*the cluster has 2"):
-        run_search(SearchOptions(**opts, experiment="cpu", cpus_per_worker=4, workers_per_trial=2))
-
-
 def terminated_trials(exp: Path) -> list[str]:
     """Trial ids that Tune's saved experiment state marks TERMINATED."""
     states = sorted((exp / "tune").glob("experiment_state-*.json"))
@@ -130,3 +98,35 @@ def test_driver_killed_mid_search_resumes_without_rerunning(easy_split, tmp_path
     # the finished trial was not run again: same checkpoints, one row per epoch
     assert sorted(p.name for p in (exp / "train" / done_id).glob("checkpoint_*")) == done_ckpts
     assert list(history[history.trial_id == done_id].epoch) == [1, 2, 3, 4]
+
+
+def test_search_writes_consistent_tables_and_records_a_failing_trial(easy_split, tmp_path, ray_session):
+    root, _ = easy_split
+    marker = tmp_path / "one-failure.json"
+    exp = run_search(SearchOptions(
+        data=str(root), search_space=str(space_file(tmp_path)), experiment="tiny",
+        storage_path=str(tmp_path / "results"), cache_dir=str(tmp_path / "cache"),
+        # The first worker to reach epoch 2 dies; with max_failures 0 its trial errors.
+        worker_env={"COVID_RAY_FAIL_AT_EPOCH": "2", "COVID_RAY_FAIL_RANK": "0", "COVID_RAY_FAIL_MARKER": str(marker)},
+    ))
+    trials, history = check_tables(exp, 3)
+    assert marker.exists()
+    assert list(trials.status).count("ERROR") == 1 and list(trials.status).count("TERMINATED") == 2
+    failed = trials[trials.status == "ERROR"].iloc[0]
+    assert failed.error  # the reason is recorded
+    assert "1 errored" in (exp / "leaderboard.md").read_text()
+    meta = json.loads((exp / "experiment.json").read_text())
+    assert meta["classes"] == ["COVID", "Normal"] and meta["synthetic"] is False
+
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        run_search(SearchOptions(data=str(root), search_space=str(space_file(tmp_path)), experiment="tiny",
+                                 storage_path=str(tmp_path / "results")))
+
+
+def test_impossible_resources_fail_fast(easy_split, tmp_path, ray_session):
+    root, _ = easy_split
+    opts = dict(data=str(root), search_space=str(space_file(tmp_path)), storage_path=str(tmp_path / "r"))
+    with pytest.raises(ValueError, match=r"asked for 2 GPUs per trial .* but the cluster has no GPUs"):
+        run_search(SearchOptions(**opts, experiment="gpu", gpus_per_worker=1, workers_per_trial=2))
+    with pytest.raises(ValueError, match=r"asked for 8.05 CPUs per trial \(2 workers x 4.*the cluster has 2"):
+        run_search(SearchOptions(**opts, experiment="cpu", cpus_per_worker=4, workers_per_trial=2))
