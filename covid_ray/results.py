@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 HISTORY_COLUMNS = [
     "trial_id", "epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1",
-    "val_balanced_accuracy", "lr", "node_id", "world_size", "epoch_time_s", "checkpoint",
+    "val_balanced_accuracy", "lr", "node_id", "worker_node_ids", "world_size", "epoch_time_s", "checkpoint",
 ]
 
 

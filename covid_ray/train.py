@@ -156,6 +156,8 @@ def train_loop_per_worker(flat_config: dict) -> None:
     import ray
 
     node_id = ray.get_runtime_context().get_node_id()
+    # Every worker's node, so the tables show where a multi-node trial really ran.
+    worker_node_ids = ",".join(sorted(set(_gather((np.array([node_id]),))[0].tolist())))
     metric = cfg.optim.metric
     for epoch in range(start_epoch, cfg.optim.epochs):
         t0 = time.perf_counter()
@@ -182,6 +184,7 @@ def train_loop_per_worker(flat_config: dict) -> None:
             val_images=int(len(labels)),
             epoch_time_s=time.perf_counter() - t0,
             node_id=node_id,
+            worker_node_ids=worker_node_ids,
             world_size=ctx.get_world_size(),
             resumed_from_epoch=resumed_from,
             early_stopped=early.should_stop,

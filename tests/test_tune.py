@@ -43,7 +43,9 @@ def check_tables(exp: Path, n_trials: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     for col in ("trial_id", "status", "config/lr", "config/class_weights", "best_val_macro_f1", "best_epoch",
                 "epochs", "stopped_early", "wall_time_s", "checkpoint", "error"):
         assert col in trials.columns, col
-    assert {"trial_id", "epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr", "node_id"} <= set(history.columns)
+    assert {"trial_id", "epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr", "node_id",
+            "worker_node_ids"} <= set(history.columns)
+    assert (history.worker_node_ids.str.len() > 0).all()
     for _, t in trials[trials.status == "TERMINATED"].iterrows():
         h = history[history.trial_id == t.trial_id]
         assert t.best_val_macro_f1 == pytest.approx(h.val_macro_f1.max())
