@@ -28,6 +28,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     if address:
         ray.init(address=address, log_to_driver=True)
         return
+    _warn_if_another_ray_runs()
     ray.init(
         address="local",  # a new Ray here, never one left running by `ray start`
         num_cpus=num_cpus,
@@ -36,6 +37,26 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
         dashboard_host="127.0.0.1",
         log_to_driver=True,
     )
+
+
+def _warn_if_another_ray_runs() -> None:
+    """Two Ray instances on one machine break Ray Train's placement-group cleaner.
+
+    Inside the cluster it looks up its controller through Ray's state API without an
+    address; with two instances it cannot tell which is its own, stops, and finished
+    trials never give their CPUs back: the next trial's workers time out at start-up.
+    """
+    try:
+        from ray._private.services import find_gcs_addresses  # private, hence the guard
+    except ImportError:
+        return
+    others = sorted(find_gcs_addresses())
+    if others:
+        logger.warning(
+            "another Ray instance is running on this machine (%s): while two run side by side, "
+            "Ray Train cannot free finished trials' resources and later trials may hang at worker "
+            "start-up. Stop it (ray stop) or join it with --address.", ", ".join(others)
+        )
 
 
 def cluster_totals() -> dict[str, float]:
