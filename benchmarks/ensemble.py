@@ -36,7 +36,7 @@ from covid_ray.data.prepare import DEFAULT_SYNTHETIC_DIR, ensure_synthetic, is_s
 from covid_ray.data.scan import find_dataset_root
 from covid_ray.data.split import read_manifest
 from covid_ray.data.transforms import EvalPreset, TrainPreset, resize_for
-from covid_ray.engine import predict_logits, train_one_epoch
+from covid_ray.engine import predict_logits, recalibrate_batchnorm, train_one_epoch
 from covid_ray.metrics import validation_summary
 from covid_ray.models import create_model
 from covid_ray.train import manifest_classes
@@ -57,22 +57,6 @@ MEMBERS = [
     ("resnet18", 3, 1e-3, 6),
     ("mobilenet_v3_small", 4, 3e-3, 8),
 ]
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(model: torch.nn.Module, loader, preset) -> None:
-    """Exact BatchNorm running statistics (cumulative average) over ``loader``'s images."""
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    for images, _, _ in loader:
-        model(preset(images))
-    for m, momentum in zip(norms, saved):
-        m.momentum = momentum
-    model.eval()
 
 
 def train_member(data, classes, name: str, seed: int, lr: float, epochs: int, *, image_size: int, out: Path) -> dict:

@@ -146,6 +146,28 @@ def cross_entropy_np(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item())
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loader, preset) -> None:
+    """Exact BatchNorm running statistics (cumulative average) over ``loader``'s images.
+
+    After a short run, architectures built with a small BN momentum still hold running
+    statistics near their initial values and predict one class in eval mode; one
+    cumulative pass (momentum None) fixes that without more training. Each layer's
+    momentum is restored afterwards.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for images, _, _ in loader:
+        model(preset(images))
+    for m, momentum in zip(norms, saved):
+        m.momentum = momentum
+    model.eval()
+
+
 @dataclass
 class EarlyStopping:
     """Stop after ``patience`` epochs without improving the (maximized) metric; 0 disables.

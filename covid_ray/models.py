@@ -37,28 +37,18 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
+# The input statistics live with the presets that apply them (one definition);
+# re-exported here because a model's first conv and its normalization go together.
+from covid_ray.data.transforms import (  # noqa: F401
+    GRAY_MEAN,
+    GRAY_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    normalization_for,
+)
+
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN: tuple[float, ...] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, ...] = (0.229, 0.224, 0.225)
-# Grayscale equivalents of the ImageNet statistics (their channel means, rounded),
-# used for 1-channel radiographs fed to a first conv adapted by summation.
-GRAY_MEAN: tuple[float, ...] = (0.449,)
-GRAY_STD: tuple[float, ...] = (0.226,)
-
-
-def normalization_for(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Return ``(mean, std)`` per input channel for a model with ``in_chans`` inputs.
-
-    3 channels get the ImageNet statistics; any other count gets the grayscale
-    statistics repeated per channel, matching how ``adapt_input_conv`` treats
-    non-RGB inputs as copies of a gray image.
-    """
-    if in_chans < 1:
-        raise ValueError(f"in_chans must be >= 1, got {in_chans}")
-    if in_chans == 3:
-        return IMAGENET_MEAN, IMAGENET_STD
-    return GRAY_MEAN * in_chans, GRAY_STD * in_chans
 
 
 # --------------------------------------------------------------------------- registry

@@ -16,7 +16,7 @@ from covid_ray.data.datasets import load_splits, make_loader
 from covid_ray.data.scan import find_dataset_root
 from covid_ray.data.split import read_manifest
 from covid_ray.data.transforms import EvalPreset, TrainPreset, resize_for
-from covid_ray.engine import predict_logits, train_one_epoch
+from covid_ray.engine import predict_logits, recalibrate_batchnorm, train_one_epoch
 from covid_ray.metrics import validation_summary
 from covid_ray.models import create_model
 from covid_ray.train import manifest_classes
@@ -29,24 +29,6 @@ TRIALS = [
     ("t2", "resnet18", 40, 1, 2, 2, 2e-3),
     ("t3", "mobilenet_v3_small", 48, 1, 3, 3, 3e-3),
 ]
-
-
-@torch.no_grad()
-def _recalibrate_batchnorm(model: torch.nn.Module, loader, preset) -> None:
-    """Exact BatchNorm running statistics over the training images.
-
-    torchvision's MobileNetV3 uses BN momentum 0.01, so after a few dozen steps its
-    running statistics are still near their initial values and eval mode predicts one
-    class; a cumulative pass (momentum None) fixes that without more training.
-    """
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    for images, _, _ in loader:
-        model(preset(images))
-    model.eval()
 
 
 def _train(root: Path, split: Path, out: Path, model_name: str, image_size: int, in_chans: int, epochs: int,
@@ -64,7 +46,7 @@ def _train(root: Path, split: Path, out: Path, model_name: str, image_size: int,
     for _ in range(epochs):
         train_one_epoch(model, loader, preset, torch.nn.CrossEntropyLoss(), optimizer, torch.device("cpu"),
                         amp="off", generator=generator)
-    _recalibrate_batchnorm(model, make_loader(data.datasets["train"], batch_size=64, shuffle=False),
+    recalibrate_batchnorm(model, make_loader(data.datasets["train"], batch_size=64, shuffle=False),
                            EvalPreset(image_size=image_size, in_chans=in_chans))
     val_loader = make_loader(data.datasets["val"], batch_size=64, shuffle=False)
     _, logits, labels = predict_logits(model, val_loader, EvalPreset(image_size=image_size, in_chans=in_chans),
