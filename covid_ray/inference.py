@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from covid_ray.checkpoint import MODEL_FILE, load_checkpoint, model_from_checkpoint
-from covid_ray.data.io import BadImageError, resize_square
+from covid_ray.data.io import MAX_ASPECT, BadImageError, resize_square
 from covid_ray.data.layout import KAGGLE_DIRNAME, SYNTHETIC_MARKER
 from covid_ray.data.transforms import EvalPreset, normalization_for, resize_for
 
@@ -47,11 +47,6 @@ logger = logging.getLogger(__name__)
 # that they agree).
 INT8_FILE, FP32_FILE, PREPROCESS_FILE = "ensemble_int8.onnx", "ensemble_fp32.onnx", "preprocess.json"
 METRICS_FILE, TRIALS_FILE = "metrics.json", "trials.csv"
-
-# A chest radiograph is never 10:1. resize_square scales the *shorter* side to the
-# working resolution, so a 1 x 60000 image (allowed by the pixel limit) would become a
-# 73 x 4.4 million array: refuse such shapes before resizing.
-MAX_ASPECT = 10.0
 
 
 class ModelLoadError(ValueError):
