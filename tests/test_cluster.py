@@ -172,6 +172,7 @@ def test_killed_node_trials_are_retried_on_the_remaining_node(easy_split, tmp_pa
         while sum(_rows(p) > 0 for p in (exp / "tune").glob("trial_*/progress.csv")) < 2:
             assert proc.poll() is None and time.time() < deadline, (tmp_path / "search.log").read_text()[-4000:]
             time.sleep(0.3)
+        killed_at = time.time()
         cluster.kill_node(doomed)
         proc.wait(timeout=420)
         tail = (tmp_path / "search.log").read_text()[-4000:]
@@ -184,10 +185,19 @@ def test_killed_node_trials_are_retried_on_the_remaining_node(easy_split, tmp_pa
     for _, t in trials.iterrows():
         h = history[history.trial_id == t.trial_id]
         assert list(h.epoch) == [1, 2, 3], h
-        assert h.node_id.iloc[-1] == survivors[0]  # every trial finished on the surviving node
         assert Path(t.checkpoint, "model.pt").is_file()
-    # the trial that lost its node: epoch 1 there, then resumed from that checkpoint on the head
-    moved = [tid for tid in trials.trial_id if history[history.trial_id == tid].node_id.iloc[0] != survivors[0]]
+        # nothing reported after the kill can come from the dead node
+        progress = tune_progress(exp, t.trial_id)
+        assert set(progress[progress.timestamp > killed_at].node_id) <= {survivors[0]}, progress
+    # The trial that lost its node: started there, then resumed from its checkpoint on the head.
+    # (On a slow machine the doomed node's trial can finish before the kill: nothing to recover.)
+    moved = [
+        tid for tid in trials.trial_id
+        if history[history.trial_id == tid].node_id.iloc[0] != survivors[0]
+        and history[history.trial_id == tid].node_id.iloc[-1] == survivors[0]
+    ]
+    if not moved:
+        pytest.skip("the doomed node's trial finished before the node was killed")
     assert len(moved) == 1, history
     assert tune_progress(exp, moved[0]).resumed_from_epoch.max() >= 1
 
