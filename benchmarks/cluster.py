@@ -26,7 +26,6 @@ recovery tests on.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import secrets
 import shutil
@@ -38,6 +37,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from benchmarks.common import last_json
 
 REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -154,7 +155,7 @@ class LocalCluster:
     def alive_nodes(self) -> list[str]:
         code = ("import json, ray; ray.init(address=%r, logging_level='ERROR'); "
                 "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))" % self.address)
-        return json.loads(self.python(code).strip().splitlines()[-1])
+        return last_json(self.python(code))
 
     def wait_for_nodes(self, n: int, timeout: float = 120) -> list[str]:
         deadline = time.time() + timeout

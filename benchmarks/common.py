@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -26,6 +27,22 @@ MD_HEADER = (
     "Each section is written by the script named in it; re-running a script replaces only\n"
     "its own section. All numbers come from synthetic images (`covid_ray.data.synth`).\n"
 )
+
+
+def last_json(stdout: str):
+    """The last line of ``stdout`` that is a JSON object or list.
+
+    A child process connected to Ray may print the cluster's log lines (for example
+    "raylet has lagging heartbeats") after its own result, so "the last line" is not enough.
+    """
+    for line in reversed(stdout.splitlines()):
+        line = line.strip()
+        if line[:1] in "{[" and line:
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    raise ValueError(f"no JSON line in the output:\n{stdout[-2000:]}")
 
 
 def ensure_bench_dataset(root: Path = BENCH_DATA) -> Path:

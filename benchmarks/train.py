@@ -50,6 +50,7 @@ import torch
 from benchmarks.common import (
     REPO,
     ensure_bench_dataset,
+    last_json,
     machine_note,
     markdown_table,
     median,
@@ -306,7 +307,7 @@ def fresh_import_seconds() -> dict[str, float]:
         "t2 = time.perf_counter(); print(json.dumps({'torch': t1 - t0, 'covid_ray': t2 - t1}))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return last_json(proc.stdout)
 
 
 def gloo_init_seconds() -> float:
@@ -354,13 +355,13 @@ def run(args: argparse.Namespace) -> dict:
         # Read by the Train controller actor, which inherits the environment of the Ray
         # processes that init_ray starts from here.
         os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(args.poll)
-    out["poll"] = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
     # A private Ray instance: without this, ray.init() joins any cluster that `ray start`
     # left running on the machine (another user's, with other CPUs and load).
     os.environ["RAY_ADDRESS"] = "local"
     t0 = time.perf_counter()
     init_ray(num_cpus=os.cpu_count())
     out["ray_init_s"] = time.perf_counter() - t0
+    out["poll"] = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")  # init_ray sets covid-ray's default
     try:
         out["worker_threads"] = worker_threads(args.threads)
         if out["worker_threads"] != args.threads:

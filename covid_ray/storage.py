@@ -14,9 +14,10 @@
   -- and are uploaded after the experiment is prepared, after every finished trial
   and at the end; ``--resume`` downloads them first. ``python -m covid_ray.storage
   pull URI DEST`` downloads a finished experiment, checkpoints included, for
-  ``ensemble.build --results-dir DEST``. The workers then read the split manifest
-  from the URI, which ``covid_ray.data.split.read_manifest`` does not do yet: until
-  it does, a URI fails at once with a message saying so (:func:`manifest_reads_uris`).
+  ``ensemble.build --results-dir DEST``; ``ensemble.build --results-dir URI`` does the
+  same by itself, downloading only the checkpoints it ensembles. The trials' workers
+  read the split manifest from the URI (``covid_ray.data.split.read_manifest``).
+  Opening, testing and downloading URIs is :mod:`covid_ray.uri`.
 
 On a multi-node cluster a path that only the driver's machine has would fail late
 and confusingly (a worker's checkpoint upload, a restarted trial that finds no
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 import uuid
@@ -37,6 +37,8 @@ from pathlib import Path
 
 import pandas as pd
 from ray.tune import Callback
+
+from covid_ray.uri import check_uri, exists, filesystem, is_uri, join, mirror_dir
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +49,6 @@ DRIVER_FILES = (
     "trials.csv", "history.csv", "leaderboard.md", "metric_per_epoch.png",
     "param_importances.csv", "param_importances.png",
 )
-MIRROR_ENV = "COVID_RAY_MIRROR"  # root of the local mirrors of URI experiments
 # How long a node waits for the driver's probe file (and the driver for the nodes'
 # replies). New names are looked up on the NFS server, so they show up at once; the
 # wait only covers slow close-to-open flushes.
@@ -59,43 +60,16 @@ class StorageError(ValueError):
     """The storage path cannot serve this cluster (the CLI prints it and exits 2)."""
 
 
-def is_uri(path: str | Path | None) -> bool:
-    return path is not None and "://" in str(path)
-
-
-def mirror_dir(uri: str) -> Path:
-    """The local folder that mirrors the driver files of the experiment at ``uri``.
-
-    Derived from the URI alone, so a new head node (same user) finds the same folder
-    that a resumed search's pickled Optuna storage points to.
-    """
-    root = Path(os.environ.get(MIRROR_ENV) or Path.home() / ".cache" / "covid_ray" / "mirror")
-    scheme, rest = uri.split("://", 1)
-    parts = [p for p in rest.split("/") if p not in ("", ".", "..")]
-    return (root / scheme / Path(*parts)).resolve()
-
-
 def local_experiment_dir(storage_path: str | None, experiment: str) -> Path:
-    """The experiment folder on this machine: the folder itself, or a URI's mirror."""
+    """The experiment folder on this machine: the folder itself, or a URI's mirror.
+
+    A URI's mirror is derived from the URI alone, so a new head node (same user)
+    finds the same folder that a resumed search's pickled Optuna storage points to.
+    """
     if is_uri(storage_path):
-        return mirror_dir(f"{str(storage_path).rstrip('/')}/{experiment}")
+        return mirror_dir(join(check_uri(str(storage_path)), experiment))
     base = Path(storage_path) if storage_path else Path("results")
     return (base / experiment).resolve()
-
-
-def _fs(uri_or_path: str):
-    """(pyarrow filesystem, path inside it) for a URI or a local path."""
-    import pyarrow.fs as pafs
-
-    if is_uri(uri_or_path):
-        return pafs.FileSystem.from_uri(uri_or_path)
-    return pafs.LocalFileSystem(), str(Path(uri_or_path).resolve())
-
-
-def _exists(fs, path: str) -> bool:
-    import pyarrow.fs as pafs
-
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 @dataclass(frozen=True)
@@ -107,7 +81,7 @@ class ExperimentStorage:
 
     @classmethod
     def create(cls, storage_path: str | None, experiment: str) -> "ExperimentStorage":
-        remote = f"{str(storage_path).rstrip('/')}/{experiment}" if is_uri(storage_path) else None
+        remote = join(check_uri(str(storage_path)), experiment) if is_uri(storage_path) else None
         return cls(local_experiment_dir(storage_path, experiment), remote)
 
     @property
@@ -117,11 +91,11 @@ class ExperimentStorage:
 
     @property
     def train_storage(self) -> str:
-        return f"{self.root}/train"
+        return join(self.root, "train")
 
     @property
     def tune_dir(self) -> str:
-        return f"{self.root}/tune"
+        return join(self.root, "tune")
 
     def before_prepare(self, *, resume: bool) -> None:
         """For a URI: download the driver files to resume, or refuse to overwrite an experiment.
@@ -133,14 +107,7 @@ class ExperimentStorage:
             return
         import pyarrow.fs as pafs
 
-        if not manifest_reads_uris():
-            raise StorageError(
-                f"--storage-path {self.remote.rsplit('/', 1)[0]}: URI storage is not supported yet: the "
-                "trials' workers read the split manifest from a local path (covid_ray.data.split."
-                "read_manifest). Use a shared filesystem path instead: an NFS or EFS mount at the same "
-                "path on every node (cluster/README.md shows the change that enables URIs)."
-            )
-        fs, path = _fs(self.remote)
+        fs, path = filesystem(self.remote)
         if resume:
             self.local.mkdir(parents=True, exist_ok=True)
             got = _copy_files(fs, path, self.local, DRIVER_FILES, download=True)
@@ -163,7 +130,7 @@ class ExperimentStorage:
         """Upload the driver files present in the mirror (no-op for a path)."""
         if self.remote is None:
             return
-        fs, path = _fs(self.remote)
+        fs, path = filesystem(self.remote)
         fs.create_dir(path, recursive=True)
         sent = _copy_files(fs, path, self.local, DRIVER_FILES, download=False)
         logger.info("uploaded %s to %s", ", ".join(sent), self.remote)
@@ -174,7 +141,7 @@ class ExperimentStorage:
             return
         import pyarrow.fs as pafs
 
-        fs, path = _fs(self.remote)
+        fs, path = filesystem(self.remote)
         pafs.copy_files(f"{path}/tune", str(self.local / "tune"), source_filesystem=fs,
                         destination_filesystem=pafs.LocalFileSystem())
 
@@ -187,7 +154,7 @@ class ExperimentStorage:
         """
         if self.remote is None:
             return
-        _, fs_path = _fs(self.remote)
+        _, fs_path = filesystem(self.remote)
         rewrite_checkpoints(self.local, lambda p: _replace_prefix(p, fs_path, self.remote))
         self.push()
 
@@ -198,7 +165,7 @@ class ExperimentStorage:
     def worker_split(self, local_split: Path) -> str:
         """The split manifest as the trials' workers read it: the shared path, or the URI
         (uploaded by :meth:`push`; the mirror exists on the driver's machine only)."""
-        return f"{self.remote}/{local_split.name}" if self.remote else str(local_split)
+        return join(self.remote, local_split.name) if self.remote else str(local_split)
 
 
 class UploadDriverFiles(Callback):
@@ -218,22 +185,6 @@ class UploadDriverFiles(Callback):
         self.storage.push()
 
 
-def manifest_reads_uris() -> bool:
-    """Whether ``read_manifest`` opens URIs (tried on a one-row manifest behind ``file://``)."""
-    import tempfile
-
-    from covid_ray.data.split import read_manifest
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp, "split.csv")
-        path.write_text("path,label,split,sha1\na.png,A,train,0\n")
-        try:
-            read_manifest(path.resolve().as_uri())
-        except FileNotFoundError:
-            return False
-    return True
-
-
 def _copy_files(fs, remote_dir: str, local_dir: Path, names, *, download: bool) -> list[str]:
     import pyarrow.fs as pafs
 
@@ -242,7 +193,7 @@ def _copy_files(fs, remote_dir: str, local_dir: Path, names, *, download: bool) 
         src_fs, src, dst_fs, dst = (fs, f"{remote_dir}/{name}", local_fs, str(local_dir / name))
         if not download:
             src_fs, src, dst_fs, dst = dst_fs, dst, src_fs, src
-        if _exists(src_fs, src):
+        if exists(src_fs, src):
             pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
             done.append(name)
     return done
@@ -291,8 +242,8 @@ def pull_experiment(uri: str, dest: str | Path) -> Path:
     import pyarrow.fs as pafs
 
     dest = Path(dest).resolve()
-    fs, path = _fs(uri)
-    if not _exists(fs, f"{path}/experiment.json"):
+    fs, path = filesystem(uri)
+    if not exists(fs, f"{path}/experiment.json"):
         raise FileNotFoundError(f"no experiment at {uri} (experiment.json is missing)")
     pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     uri = uri.rstrip("/")
@@ -325,11 +276,11 @@ def _probe_node(root: str, probe: str, token: str, wait_s: float, data: str | No
     node_id = ray.get_runtime_context().get_node_id()
     if data and not Path(data).is_dir():
         return {"node_id": node_id, "problem": f"has no dataset folder {data}", "data": True}
-    fs, base = _fs(root)
+    fs, base = filesystem(root)
     target = f"{base}/{probe}"
     deadline = time.monotonic() + wait_s
     try:
-        while not _exists(fs, f"{target}/driver"):
+        while not exists(fs, f"{target}/driver"):
             if time.monotonic() > deadline:
                 return {"node_id": node_id, "problem": "does not see the probe file the driver wrote"}
             time.sleep(0.5)
@@ -364,7 +315,7 @@ def check_storage(root: str, *, data: str | None = None, wait_s: float = PROBE_W
     here = ray.get_runtime_context().get_node_id()
     if len(nodes) <= 1 and all(n["NodeID"] == here for n in nodes):
         return 0
-    fs, base = _fs(root)
+    fs, base = filesystem(root)
     probe, token = f".covid_ray_probe-{uuid.uuid4().hex[:12]}", uuid.uuid4().hex
     fs.create_dir(f"{base}/{probe}", recursive=True)
     with fs.open_output_stream(f"{base}/{probe}/driver") as f:
@@ -392,7 +343,7 @@ def check_storage(root: str, *, data: str | None = None, wait_s: float = PROBE_W
     deadline = time.monotonic() + wait_s
     for n in nodes:  # the driver must also see what each node wrote
         node_id = n["NodeID"]
-        while node_id not in problems and not _exists(fs, f"{base}/{probe}/node-{node_id}"):
+        while node_id not in problems and not exists(fs, f"{base}/{probe}/node-{node_id}"):
             if time.monotonic() > deadline:
                 problems[node_id] = "wrote its reply, but the driver does not see it"
             time.sleep(0.2)

@@ -33,6 +33,7 @@ import torch
 
 from covid_ray.data.scan import find_dataset_root
 from covid_ray.data.split import read_manifest
+from covid_ray.uri import is_uri, join, upload_dir
 
 from ensemble.calibrate import apply_temperature, calibration_summary, fit_temperature
 from ensemble.combine import METHODS, combine_weights, soft_vote
@@ -49,6 +50,7 @@ from ensemble.select import (
     metric_mode,
     read_experiment,
     read_trials,
+    experiment_location,
     resolve_experiment_dir,
     select_top,
 )
@@ -273,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5, help="number of trials to ensemble (default 5)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--experiment", help="search name: reads <results-root>/NAME")
-    where.add_argument("--results-dir", help="the search's folder itself")
+    where.add_argument("--results-dir", help="the search's folder itself, or its storage URI (s3://bucket/prefix/NAME)")
     p.add_argument("--results-root", default="results", help="where --experiment looks (default: results)")
     p.add_argument("--metric", default=None, help="rank trials by best_<metric> (default: the experiment's)")
     p.add_argument("--mode", choices=["max", "min"], default=None, help="metric direction (default: inferred)")
@@ -330,13 +332,23 @@ def main(argv: list[str] | None = None) -> int:
             calibration_images=args.calibration_images, latency_repeats=args.latency_repeats,
             lung_cam_images=args.lung_cam_images,
         )
-        folder = resolve_experiment_dir(args.experiment, args.results_dir, results_root=args.results_root)
+        where = experiment_location(args.experiment, args.results_dir, results_root=args.results_root)
+        folder = resolve_experiment_dir(None, where)
         result = build_ensemble(folder, opts)
     except (SelectionError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for line in _summary_lines(result.metrics, result.out_dir):
         print(line)
+    if is_uri(where):  # the outputs go back next to the search's tables
+        remote = join(where, result.out_dir.name)
+        try:
+            upload_dir(result.out_dir, remote)
+        except OSError as exc:
+            print(f"error: the ensemble is in {result.out_dir}, but uploading it to {remote} failed: {exc}",
+                  file=sys.stderr)
+            return 1
+        print(f"uploaded {result.out_dir.name}/ to {remote}")
     return result.exit_code
 
 

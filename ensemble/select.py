@@ -7,6 +7,11 @@ manifest, classes, the metric and its direction), ``split.csv`` and ``trials.csv
 validation value; each candidate's checkpoint is loaded (``weights_only=True``) and
 rebuilt here, so a missing or corrupt one is skipped with a warning naming it and the
 next-ranked trial takes its place: the ensemble is the top K *usable* trials.
+
+The folder may also be a storage URI (``s3://bucket/prefix/NAME``, the experiment of
+a search run with ``--storage-path s3://bucket/prefix``): its tables are downloaded
+to a local mirror (:mod:`covid_ray.uri`), and only the checkpoints tried here are
+downloaded, each once.
 """
 from __future__ import annotations
 
@@ -23,11 +28,14 @@ import torch.nn as nn
 
 from covid_ray.checkpoint import MODEL_FILE, load_checkpoint, model_from_checkpoint
 from covid_ray.data.layout import SYNTHETIC_MARKER
+from covid_ray.uri import download_file, fetch, is_uri, join, mirror_dir
 
 logger = logging.getLogger(__name__)
 
 EXPERIMENT_FILE = "experiment.json"
 TRIALS_FILE = "trials.csv"
+# What an ensemble reads of an experiment folder besides the checkpoints.
+TABLES = (EXPERIMENT_FILE, TRIALS_FILE, "split.csv", "history.csv", "search_space.yaml")
 
 
 class SelectionError(ValueError):
@@ -81,13 +89,47 @@ class Selection:
 def resolve_experiment_dir(
     experiment: str | None, results_dir: str | Path | None, *, results_root: str | Path = "results"
 ) -> Path:
-    """``results_dir`` itself, or ``<results_root>/<experiment>``; exactly one must be given."""
-    if (experiment is None) == (results_dir is None):
-        raise SelectionError("give exactly one of --experiment NAME or --results-dir PATH")
-    folder = Path(results_dir) if results_dir is not None else Path(results_root) / str(experiment)
+    """``results_dir`` itself, or ``<results_root>/<experiment>``; exactly one must be given.
+
+    A storage URI is downloaded (its tables, see :func:`localize_experiment`) and the
+    local copy returned.
+    """
+    where = experiment_location(experiment, results_dir, results_root=results_root)
+    if is_uri(where):
+        return localize_experiment(where)
+    folder = Path(where)
     if not folder.is_dir():
         raise SelectionError(f"experiment folder not found: {folder}")
     return folder.resolve()
+
+
+def experiment_location(
+    experiment: str | None, results_dir: str | Path | None, *, results_root: str | Path = "results"
+) -> str:
+    """The experiment folder as given: a path or a storage URI."""
+    if (experiment is None) == (results_dir is None):
+        raise SelectionError("give exactly one of --experiment NAME or --results-dir PATH")
+    return str(results_dir) if results_dir is not None else join(str(results_root), str(experiment))
+
+
+def localize_experiment(uri: str) -> Path:
+    """Download the tables of the experiment at ``uri`` into its local mirror.
+
+    The tables are fetched afresh every time (a resumed search rewrites them); the
+    checkpoints they name stay URIs and :func:`load_member` downloads the ones it uses.
+
+    Raises:
+        SelectionError: no experiment at ``uri``, or the store cannot be read.
+    """
+    folder = mirror_dir(uri.rstrip("/"))
+    try:
+        got = [name for name in TABLES if download_file(join(uri, name), folder / name)]
+    except (OSError, ValueError) as exc:  # credentials, endpoint, bucket
+        raise SelectionError(f"cannot read the experiment at {uri}: {exc}") from None
+    if EXPERIMENT_FILE not in got:
+        raise SelectionError(f"no experiment at {uri} ({EXPERIMENT_FILE} is missing)")
+    logger.info("downloaded %s from %s to %s", ", ".join(got), uri, folder)
+    return folder
 
 
 def _require(info: dict, key: str, kind: type, file: Path) -> Any:
@@ -196,7 +238,8 @@ def load_member(row: dict, score: float, classes: list[str]) -> Member:
         FileNotFoundError, ValueError, RuntimeError: missing, unreadable, or not
             matching the experiment's classes or its own architecture.
     """
-    folder = Path(row["checkpoint"].strip())
+    where = row["checkpoint"].strip()
+    folder = fetch(where) if is_uri(where) else Path(where)  # a URI is downloaded once
     payload = load_checkpoint(folder)
     file = folder / MODEL_FILE if folder.is_dir() else folder
     if sorted(payload.get("classes", [])) != sorted(classes):

@@ -19,8 +19,8 @@ import pandas as pd
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not installed
-from benchmarks.cluster import LocalCluster  # noqa: E402
+from benchmarks.cluster import LocalCluster
+from benchmarks.common import last_json
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +77,7 @@ for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=Tru
     groups[a.placement_group_id].add(a.node_id)
 print(json.dumps([sorted(g) for g in groups.values()]))
 """
-    return json.loads(cluster.python(code).strip().splitlines()[-1])
+    return last_json(cluster.python(code))
 
 
 @pytest.fixture(scope="module")
@@ -248,27 +248,13 @@ ray.shutdown()
     finally:
         shutil.rmtree(rt, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    got = last_json(proc.stdout)
     assert got["dashboard"].startswith("127.0.0.1:")
     assert got["token_mode"] is True
     assert (home / ".ray" / "auth_token").is_file()  # generated for this new local cluster
     assert (got["no_token"], got["wrong_token"], got["token"]) == (401, 403, 200)
     if not got["node_ip"].startswith("127."):
         assert got["outside"] == "refused"  # the dashboard/jobs port is not on the machine's address
-
-
-def test_uri_storage_fails_fast_while_workers_cannot_read_the_split(easy_split, tmp_path, monkeypatch):
-    from covid_ray.storage import StorageError, manifest_reads_uris
-    from covid_ray.tune import SearchOptions, run_search
-
-    if manifest_reads_uris():
-        pytest.skip("read_manifest reads URIs: URI storage is enabled")
-    monkeypatch.setenv("COVID_RAY_MIRROR", str(tmp_path / "mirror"))
-    root, _ = easy_split
-    with pytest.raises(StorageError, match=r"s3://bucket/covid: URI storage is not supported yet.*shared filesystem"):
-        run_search(SearchOptions(data=str(root), search_space=str(write_space(tmp_path)), experiment="e",
-                                 storage_path="s3://bucket/covid"))
-    assert not (tmp_path / "mirror").exists()  # nothing written, no Ray started
 
 
 def test_pull_rewrites_checkpoint_paths_into_the_copy(tmp_path):

@@ -257,3 +257,46 @@ def test_bf16_autocast_on_cpu_trains():
 def test_predict_logits_of_an_empty_loader():
     idx, logits, labels = predict_logits(_tiny_model(), [], EvalPreset(image_size=8), torch.device("cpu"))
     assert idx.shape == (0,) and labels.shape == (0,) and logits.shape[0] == 0
+
+
+def _conv_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+
+def test_grad_scaler_and_channels_last_give_the_plain_update():
+    """The CUDA recipe's loss scaling and memory format, run on CPU (GradScaler("cpu")).
+
+    Scaling by a power of two and unscaling before the step is exact in fp32, and
+    channels_last changes the layout, not the math: one epoch must end at the plain
+    epoch's weights.
+    """
+    batches = _separable_batches()
+    preset = TrainPreset(image_size=8, augment=AugmentParams(rotation=0.0, hflip=0.0))
+    runs = []
+    for scaler, channels_last in ((None, False), (torch.amp.GradScaler("cpu", init_scale=2.0**10), True)):
+        model = _conv_model()
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        loss, _ = train_one_epoch(model, batches, preset, nn.CrossEntropyLoss(), opt, torch.device("cpu"),
+                                  scaler=scaler, amp="off", channels_last=channels_last)
+        runs.append((loss, [p.detach().clone() for p in model.parameters()]))
+    (plain_loss, plain), (scaled_loss, scaled) = runs
+    assert scaled_loss == pytest.approx(plain_loss, rel=1e-5)
+    for a, b in zip(plain, scaled):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_grad_scaler_skips_a_step_whose_gradients_overflow_and_lowers_the_scale():
+    batches = _separable_batches()[:1]
+    preset = TrainPreset(image_size=8, augment=AugmentParams(rotation=0.0, hflip=0.0))
+    model = _conv_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**120)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    big = lambda out, y: 1e6 * F.cross_entropy(out, y)  # noqa: E731 - x 2^120 overflows fp32 (max ~2^128)
+    train_one_epoch(model, batches, preset, big, opt, torch.device("cpu"), scaler=scaler, amp="off")
+    assert scaler.get_scale() == 2.0**119  # backoff factor 0.5
+    for a, b in zip(before, model.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)  # the step was skipped

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from benchmarks.common import last_json
 from covid_ray.checkpoint import load_checkpoint, model_from_checkpoint
 from covid_ray.data.datasets import load_splits, make_loader
 from covid_ray.data.scan import find_dataset_root
@@ -37,7 +38,7 @@ def test_cli_two_workers_beats_chance_and_metrics_are_the_whole_split(easy_split
     env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    last = last_json(proc.stdout)
     best = last["best_metrics"]
     assert best["val_accuracy"] >= 0.75 and best["val_macro_f1"] >= 0.7  # chance is 0.5
     assert best["world_size"] == 2

@@ -216,11 +216,19 @@ def write_manifest(df: pd.DataFrame, out: str | Path) -> Path:
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
-    """Read a manifest written by :func:`write_manifest`; checks its columns."""
-    path = Path(path)
-    if not path.is_file():
+    """Read a manifest written by :func:`write_manifest`; checks its columns.
+
+    ``path`` may be a storage URI (``s3://…``): the trials' workers of a search whose
+    ``--storage-path`` is a URI read it from there.
+    """
+    from covid_ray.uri import is_file, is_uri, open_input
+
+    remote = is_uri(path)
+    path = str(path) if remote else Path(path)
+    if not (is_file(path) if remote else path.is_file()):
         raise FileNotFoundError(f"split manifest not found: {path}")
-    df = pd.read_csv(path, dtype={"mask": str, "sha1": str, "phash": str}, keep_default_na=False)
+    with open_input(path) if remote else open(path, "rb") as f:
+        df = pd.read_csv(f, dtype={"mask": str, "sha1": str, "phash": str}, keep_default_na=False)
     missing = [c for c in ("path", "label", "split", "sha1") if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: not a covid-ray split manifest, missing columns {missing}")
