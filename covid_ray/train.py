@@ -336,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--max-failures", type=int, default=1, help="worker failures to recover from")
-    p.add_argument("--storage-path", default="results/train", help="where Ray Train writes checkpoints")
+    p.add_argument("--storage-path", default="results/train",
+                   help="where Ray Train writes checkpoints: a path, or a URI such as s3://bucket/prefix")
     p.add_argument("--name", default=None, help="run name (default: <model>-<time>)")
     p.add_argument("--cache-dir", default=None, help="decode cache folder (default: $COVID_RAY_CACHE or ~/.cache/covid_ray)")
     p.add_argument("--address", default=None, help="join a running Ray cluster (auto or HOST:PORT)")
@@ -381,8 +382,11 @@ def main(argv: list[str] | None = None) -> int:
     from covid_ray.data.prepare import ensure_split
     from covid_ray.models import list_models
     from covid_ray.ray_setup import check_resources, init_ray
+    from covid_ray.uri import check_uri, is_uri, join, mirror_dir
 
     try:
+        if is_uri(args.storage_path):
+            args.storage_path = check_uri(args.storage_path)
         if args.model not in list_models():
             raise ValueError(f"unknown model {args.model!r}; choose one of {list_models()}")
         split = ensure_split(args.data, args.split)
@@ -401,7 +405,9 @@ def main(argv: list[str] | None = None) -> int:
             gpus_per_worker=1.0 if args.use_gpu else 0.0, driver_cpus=0.0,
         )
         name = args.name or f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-        history = (Path(args.storage_path) / name / "history.jsonl").resolve()
+        run_dir = join(args.storage_path, name) if is_uri(args.storage_path) else str(Path(args.storage_path, name).resolve())
+        # The driver writes the history: next to the checkpoints, or in a URI's local mirror.
+        history = (mirror_dir(run_dir) if is_uri(run_dir) else Path(run_dir)) / "history.jsonl"
         trainer = build_trainer(
             flat, num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
             storage_path=args.storage_path, name=name, max_failures=args.max_failures,
@@ -413,12 +419,14 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
         return 2
     metrics, checkpoint = best_of(result, flat.get("metric", "val_macro_f1"))
+    if checkpoint and is_uri(run_dir):  # Ray reports the path inside the bucket
+        checkpoint = f"{run_dir.split('://', 1)[0]}://{checkpoint}"
     error = str(result.error) if result.error else None
     ray.shutdown()
     summary = {
         "best_metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
         "checkpoint": checkpoint,
-        "run": str(Path(args.storage_path) / name),
+        "run": run_dir,
         "history": str(history),
         "epochs_run": len(read_history(history)),
         "error": error,

@@ -6,6 +6,7 @@ import logging
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -112,6 +113,26 @@ def test_ensemble_build_names_a_uri_without_an_experiment(s3, capsys):
 
 
 # --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_single_run_cli_writes_its_checkpoint_to_s3(s3, easy_split, tmp_path):
+    from benchmarks.common import last_json
+    from covid_ray.checkpoint import load_checkpoint
+    from covid_ray.uri import fetch
+
+    root, split = easy_split
+    cmd = [sys.executable, "-m", "covid_ray.train", "--data", str(root), "--split", str(split), "--model", "seed_cnn",
+           "--image-size", "32", "--epochs", "2", "--batch-size", "16", "--num-workers", "1", "--name", "one",
+           "--storage-path", f"s3://{BUCKET}/single", "--cache-dir", str(tmp_path / "cache")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = last_json(proc.stdout)
+    assert out["run"] == f"s3://{BUCKET}/single/one" and out["epochs_run"] == 2
+    assert out["checkpoint"].startswith(f"s3://{BUCKET}/single/one/")
+    assert out["checkpoint"].removeprefix(f"s3://{BUCKET}/") + "/model.pt" in keys(s3, "single/one/")
+    assert load_checkpoint(fetch(out["checkpoint"]))["classes"] == ["COVID", "Normal"]
+    assert Path(out["history"]).is_file() and str(tmp_path / "mirror") in out["history"]
 
 SPACE = {
     "metric": "val_macro_f1", "mode": "max", "num_samples": 2, "max_concurrent": 1,
