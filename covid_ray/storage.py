@@ -98,22 +98,40 @@ class ExperimentStorage:
         return join(self.root, "tune")
 
     def before_prepare(self, *, resume: bool) -> None:
-        """For a URI: download the driver files to resume, or refuse to overwrite an experiment.
+        """For a URI: download the driver files to resume, or check that a new search can write.
 
         Raises:
             FileExistsError: a new search, but the URI already holds an experiment.
+            FileNotFoundError: ``--resume``, but the URI holds no experiment.
+            StorageError: the store cannot be reached, read or written from here.
         """
         if self.remote is None:
             return
         import pyarrow.fs as pafs
 
         fs, path = filesystem(self.remote)
+        try:
+            if resume:
+                self.local.mkdir(parents=True, exist_ok=True)
+                got = _copy_files(fs, path, self.local, DRIVER_FILES, download=True)
+                logger.info("downloaded %s from %s to %s", ", ".join(got) or "nothing", self.remote, self.local)
+                exists_already = "experiment.json" in got
+            else:
+                exists_already = bool(fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
+                if not exists_already:
+                    # Fails here, not after scanning the dataset, when the bucket is missing or read-only.
+                    fs.create_dir(path, recursive=True)
+        except OSError as exc:
+            raise StorageError(
+                f"--storage-path {self.remote.rsplit('/', 1)[0]}: cannot use {self.remote} from this machine "
+                f"({exc}). Check that the bucket exists and that this machine's credentials (instance profile, "
+                "AWS_* variables; AWS_ENDPOINT_URL for an S3-compatible store) allow reading and writing it."
+            ) from None
         if resume:
-            self.local.mkdir(parents=True, exist_ok=True)
-            got = _copy_files(fs, path, self.local, DRIVER_FILES, download=True)
-            logger.info("downloaded %s from %s to %s", ", ".join(got) or "nothing", self.remote, self.local)
+            if not exists_already:
+                raise FileNotFoundError(f"nothing to resume: no experiment at {self.remote} (experiment.json is missing)")
             return
-        if fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        if exists_already:
             raise FileExistsError(
                 f"an experiment already exists at {self.remote}; pass --resume to continue it, "
                 f"or choose another --experiment name"

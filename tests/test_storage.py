@@ -105,6 +105,36 @@ def test_manifest_fetch_and_upload_round_trip(s3, easy_split, tmp_path):
     assert not download_file(f"{uri}/missing.csv", tmp_path / "missing.csv")
 
 
+def test_search_on_a_missing_bucket_fails_before_the_scan_naming_it(s3, easy_split, capsys):
+    from covid_ray.tune import main
+
+    root, _ = easy_split
+    assert main(["--data", str(root), "--experiment", "e", "--storage-path", "s3://no-such-bucket/runs"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --storage-path s3://no-such-bucket/runs: cannot use s3://no-such-bucket/runs/e from this machine" in err
+    assert "Check that the bucket exists" in err
+
+
+def test_uri_experiment_exists_and_resume_checks(s3, tmp_path):
+    from covid_ray.storage import ExperimentStorage
+
+    store = ExperimentStorage.create(f"s3://{BUCKET}/runs", "e")
+    assert store.local == tmp_path / "mirror" / "s3" / BUCKET / "runs" / "e"
+    assert store.train_storage == f"s3://{BUCKET}/runs/e/train"
+    with pytest.raises(FileNotFoundError, match=f"nothing to resume: no experiment at s3://{BUCKET}/runs/e"):
+        store.before_prepare(resume=True)
+    store.before_prepare(resume=False)  # a new search: the bucket is writable
+    store.local.mkdir(parents=True, exist_ok=True)
+    (store.local / "experiment.json").write_text("{}")
+    store.push()
+    assert keys(s3) == ["runs/e/experiment.json"]
+    with pytest.raises(FileExistsError, match=f"an experiment already exists at s3://{BUCKET}/runs/e; pass --resume"):
+        store.before_prepare(resume=False)
+    shutil.rmtree(store.local)
+    store.before_prepare(resume=True)  # a new head node: the driver files come back
+    assert (store.local / "experiment.json").read_text() == "{}"
+
+
 def test_ensemble_build_names_a_uri_without_an_experiment(s3, capsys):
     from ensemble.build import main
 
