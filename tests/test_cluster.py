@@ -63,18 +63,36 @@ def _rows(csv: Path) -> int:
         return 0
 
 
-def train_worker_nodes(cluster: LocalCluster, *, alive_only: bool = False) -> list[list[str]]:
+def _new_checkpoint_on(train_dir: Path, node_id: str, last_epoch: int, max_age_s: float = 1.0) -> bool:
+    """Whether a trial whose workers run on ``node_id`` wrote a checkpoint in the last
+    ``max_age_s`` seconds, at epoch <= ``last_epoch``.
+
+    Read from the checkpoint's own ``metadata.json`` (its metrics name the workers'
+    nodes), which the rank-0 worker writes straight to the storage path; Tune's
+    ``progress.csv`` reaches the storage path only when Tune syncs its state.
+    """
+    for meta in train_dir.glob("*/checkpoint_*/metadata.json"):
+        try:
+            age = time.time() - meta.stat().st_mtime
+            info = json.loads(meta.read_text())
+        except (OSError, ValueError):  # being written
+            continue
+        if age <= max_age_s and info["epoch"] <= last_epoch and node_id in str(info["metrics"].get("worker_node_ids")):
+            return True
+    return False
+
+
+def train_worker_nodes(cluster: LocalCluster) -> list[list[str]]:
     """Per Ray Train worker group (one placement group each): the nodes its workers ran on.
 
     ``history.csv`` has rank 0's node only; Ray's state API keeps every (dead) actor.
     """
-    alive = ', ("state", "=", "ALIVE")' if alive_only else ""
     code = f"""
 import collections, json, ray
 from ray.util.state import list_actors
 ray.init(address={cluster.address!r}, logging_level="ERROR")
 groups = collections.defaultdict(set)
-for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"){alive}], detail=True, limit=10000):
+for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=10000):
     groups[a.placement_group_id].add(a.node_id)
 print(json.dumps([sorted(g) for g in groups.values()]))
 """
@@ -158,8 +176,7 @@ def test_killed_node_trials_are_retried_on_the_remaining_node(easy_split, tmp_pa
     root, _ = easy_split
     # 2 CPUs per node: each node holds exactly one trial's 2 workers, so with 2 trials at
     # once one of them runs on the node that is killed; the head alone fits one trial.
-    # 5 epochs: the kill comes after epoch 1, and the doomed node's trial must still be
-    # running then, even when the machine is slow to notice the first report.
+    # 5 epochs: room for a kill after the first checkpoint with epochs still to run.
     space = write_space(tmp_path, max_concurrent=2, fixed={**SPACE["fixed"], "epochs": 5})
     exp = tmp_path / "results" / "nodeloss"
     with LocalCluster(fast_failure_detection=True) as cluster:
@@ -170,23 +187,21 @@ def test_killed_node_trials_are_retried_on_the_remaining_node(easy_split, tmp_pa
         log = open(tmp_path / "search.log", "w")
         proc = subprocess.Popen(search_cmd(cluster, root, space, tmp_path / "results", "nodeloss"),
                                 stdout=log, stderr=subprocess.STDOUT, env=cluster.env)
-        # Kill the second node once both running trials have a checkpoint that Tune has
-        # heard of (a row in progress.csv: the Train controller has registered it), and
-        # while a training worker runs there: then something must be recovered.
+        # Kill the second node while a trial's workers run there with at least 2 of 5 epochs
+        # to go: just after that trial's first checkpoint, once the Train controller has had
+        # time to register it (it polls the workers every 0.5 s). Then something must be
+        # recovered, and the search cannot end before Ray has noticed the loss.
         deadline = time.time() + 300
-        while True:
+        while not _new_checkpoint_on(exp / "train", doomed_id, last_epoch=3):
             assert proc.poll() is None and time.time() < deadline, (tmp_path / "search.log").read_text()[-4000:]
-            if sum(_rows(p) > 0 for p in (exp / "tune").glob("trial_*/progress.csv")) >= 2 and any(
-                doomed_id in group for group in train_worker_nodes(cluster, alive_only=True)
-            ):
-                break
-            time.sleep(0.3)
+            time.sleep(0.2)
+        time.sleep(2.0)
         killed_at = time.time()
         cluster.kill_node(doomed)
         proc.wait(timeout=420)
         tail = (tmp_path / "search.log").read_text()[-4000:]
         assert proc.returncode == 0, tail
-        survivors = cluster.alive_nodes()
+        survivors = cluster.wait_for_nodes(1, timeout=30)  # the GCS declares it dead within ~3 s
     assert survivors == [head_id]
     trials = pd.read_csv(exp / "trials.csv", keep_default_na=False)
     history = pd.read_csv(exp / "history.csv")
