@@ -84,11 +84,25 @@ def _set_epoch(loader, epoch: int) -> None:
         sampler.set_epoch(epoch)
 
 
+def _quiet_report_log() -> None:
+    """Drop Ray Train's INFO line per report (the whole metrics dict, every epoch).
+
+    Ray Train V2 logs it under a logger named after its source file, outside the
+    ``ray`` hierarchy that ``LoggingConfig(log_level=...)`` sets, so it is silenced here.
+    """
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray Train layout: nothing to silence
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(flat_config: dict) -> None:
     """Ray Train worker entry point; reads everything from ``flat_config``."""
     import ray.train
     import ray.train.torch
 
+    _quiet_report_log()
     cfg = TrialConfig.from_flat(flat_config)
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()

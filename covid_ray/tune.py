@@ -283,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Tune's TensorBoard logger renames "val_recall/Viral Pneumonia" (a space) with an INFO line per result.
+    logging.getLogger("tensorboardX.summary").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     opts = SearchOptions(
         data=args.data, search_space=args.search_space, experiment=args.experiment,

@@ -39,6 +39,8 @@ def test_cli_two_workers_beats_chance_and_metrics_are_the_whole_split(easy_split
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = last_json(proc.stdout)
+    assert "[covid-ray] epoch 3/3" in proc.stdout + proc.stderr  # the loop's own progress line
+    assert "Reporting training result" not in proc.stdout + proc.stderr  # Ray Train's per-report dump is silenced
     best = last["best_metrics"]
     assert best["val_accuracy"] >= 0.75 and best["val_macro_f1"] >= 0.7  # chance is 0.5
     assert best["world_size"] == 2
