@@ -93,15 +93,18 @@ def _normalize(x: torch.Tensor, in_chans: int) -> torch.Tensor:
 def _affine_grid(theta: torch.Tensor, size: int) -> torch.Tensor:
     """``F.affine_grid(theta, [B, 1, size, size], align_corners=False)``, by broadcasting.
 
-    The same numbers (to float rounding) at about half the cost on CPU, where
-    ``affine_grid``'s batched matmul over every output pixel dominated the warp.
+    The same numbers (to float rounding) at a fraction of the cost on CPU, where
+    ``affine_grid``'s batched matmul over every output pixel dominated the warp. The
+    per-row term (B, size, 1) is formed first, so each coordinate costs one full-size
+    pass, written straight into the output (no stack copy).
     """
     lin = (torch.arange(size, device=theta.device, dtype=theta.dtype) * 2 + 1) / size - 1
     xs, ys = lin.view(1, 1, size), lin.view(1, size, 1)
     a = theta.reshape(-1, 6, 1, 1)
-    gx = torch.addcmul(torch.addcmul(a[:, 2], xs, a[:, 0]), ys, a[:, 1])
-    gy = torch.addcmul(torch.addcmul(a[:, 5], xs, a[:, 3]), ys, a[:, 4])
-    return torch.stack([gx, gy], dim=-1)
+    grid = torch.empty(theta.shape[0], size, size, 2, device=theta.device, dtype=theta.dtype)
+    torch.addcmul(torch.addcmul(a[:, 2], ys, a[:, 1]), xs, a[:, 0], out=grid[..., 0])
+    torch.addcmul(torch.addcmul(a[:, 5], ys, a[:, 4]), xs, a[:, 3], out=grid[..., 1])
+    return grid
 
 
 class EvalPreset:
