@@ -10,6 +10,7 @@ Both hold only tensors and plain Python values, so they load with
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -107,6 +108,15 @@ def save_checkpoint(
     meta = {k: payload[k] for k in ("format", "model", "classes", "preprocess", "metrics", "epoch")}
     (folder / "metadata.json").write_text(json.dumps(_json_safe(meta), indent=2, allow_nan=False) + "\n")
     return folder
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file: what an exported ensemble records for each member's ``model.pt``."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _model_file(path: str | Path) -> Path:

@@ -34,7 +34,6 @@ predictions would capture the other requests' activations.
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
 import logging
 import threading
@@ -48,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from covid_ray.checkpoint import file_digest
 from covid_ray.data.io import read_grayscale, resize_square
 from covid_ray.inference import LoadedModel, ModelLoadError, Preprocess, ensemble_member_checkpoints, load_member
 from covid_ray.models import model_spec
@@ -322,7 +322,7 @@ def gradcam_for(model: LoadedModel) -> GradCam:
         members = []
         for e in entries:
             file = e["checkpoint"] / "model.pt" if e["checkpoint"].is_dir() else e["checkpoint"]
-            if e["sha256"] and _sha256(file) != e["sha256"]:
+            if e["sha256"] and file_digest(file) != e["sha256"]:
                 raise ModelLoadError(f"{file}: changed since the ensemble was exported (sha256 differs)")
             module, payload = load_member(file, classes=model.classes, preprocess=model.preprocess)
             members.append(CamMember(e["trial_id"], module, e["weight"], list(payload["classes"]),
@@ -390,10 +390,3 @@ def lung_share_summary(cam: GradCam, items: Sequence[tuple[Path, Path]], *, avai
     return stats
 
 
-def _sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """As ensemble.select.file_digest, the digest the export records for each member."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()

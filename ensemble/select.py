@@ -15,7 +15,6 @@ downloaded, each once.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch.nn as nn
 
-from covid_ray.checkpoint import MODEL_FILE, load_checkpoint, model_from_checkpoint
+from covid_ray.checkpoint import MODEL_FILE, file_digest, load_checkpoint, model_from_checkpoint
 from covid_ray.data.layout import SYNTHETIC_MARKER
 from covid_ray.uri import download_file, fetch, is_uri, join, mirror_dir
 
@@ -221,14 +220,6 @@ def rank_trials(trials: pd.DataFrame, metric: str, mode: str) -> tuple[pd.DataFr
     ranked = ranked.sort_values(["_score", "trial_id"], ascending=[mode == "min", True], kind="stable")
     ranked = ranked.drop_duplicates("trial_id", keep="first")
     return ranked.reset_index(drop=True), notes
-
-
-def file_digest(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_member(row: dict, score: float, classes: list[str]) -> Member:
