@@ -38,7 +38,7 @@ from pathlib import Path
 import pandas as pd
 from ray.tune import Callback
 
-from covid_ray.uri import check_uri, exists, filesystem, is_uri, join, mirror_dir
+from covid_ray.uri import check_uri, download_files, exists, filesystem, is_uri, join, mirror_dir
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class ExperimentStorage:
         try:
             if resume:
                 self.local.mkdir(parents=True, exist_ok=True)
-                got = _copy_files(fs, path, self.local, DRIVER_FILES, download=True)
+                got = download_files(self.remote, DRIVER_FILES, self.local)
                 logger.info("downloaded %s from %s to %s", ", ".join(got) or "nothing", self.remote, self.local)
                 exists_already = "experiment.json" in got
             else:
@@ -150,7 +150,7 @@ class ExperimentStorage:
             return
         fs, path = filesystem(self.remote)
         fs.create_dir(path, recursive=True)
-        sent = _copy_files(fs, path, self.local, DRIVER_FILES, download=False)
+        sent = _upload_files(self.local, DRIVER_FILES, fs, path)
         logger.info("uploaded %s to %s", ", ".join(sent), self.remote)
 
     def pull_tune_state(self) -> None:
@@ -203,18 +203,15 @@ class UploadDriverFiles(Callback):
         self.storage.push()
 
 
-def _copy_files(fs, remote_dir: str, local_dir: Path, names, *, download: bool) -> list[str]:
+def _upload_files(local_dir: Path, names, fs, remote_dir: str) -> list[str]:
+    """Upload ``local_dir/<name>`` to ``remote_dir/<name>`` for each name present; returns those sent."""
     import pyarrow.fs as pafs
 
-    local_fs, done = pafs.LocalFileSystem(), []
-    for name in names:
-        src_fs, src, dst_fs, dst = (fs, f"{remote_dir}/{name}", local_fs, str(local_dir / name))
-        if not download:
-            src_fs, src, dst_fs, dst = dst_fs, dst, src_fs, src
-        if exists(src_fs, src):
-            pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
-            done.append(name)
-    return done
+    sent = [name for name in names if (local_dir / name).is_file()]
+    for name in sent:
+        pafs.copy_files(str(local_dir / name), f"{remote_dir}/{name}",
+                        source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    return sent
 
 
 def _replace_prefix(value: str, old: str, new: str) -> str:

@@ -138,6 +138,11 @@ def download_file(uri: str, dest: Path) -> bool:
     return True
 
 
+def download_files(uri: str, names, dest: Path) -> list[str]:
+    """Download ``uri/<name>`` to ``dest/<name>`` for each name there; returns those found."""
+    return [name for name in names if download_file(join(uri, name), dest / name)]
+
+
 def upload_dir(local: Path, uri: str) -> None:
     """Copy the folder ``local`` to ``uri`` (files there with the same names are replaced)."""
     import pyarrow.fs as pafs

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from covid_ray.checkpoint import MODEL_FILE, file_digest, load_checkpoint, model_from_checkpoint
 from covid_ray.data.layout import SYNTHETIC_MARKER
-from covid_ray.uri import download_file, fetch, is_uri, join, mirror_dir
+from covid_ray.uri import download_files, fetch, is_uri, join, mirror_dir
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def localize_experiment(uri: str) -> Path:
     """
     folder = mirror_dir(uri.rstrip("/"))
     try:
-        got = [name for name in TABLES if download_file(join(uri, name), folder / name)]
+        got = download_files(uri, TABLES, folder)
     except (OSError, ValueError) as exc:  # credentials, endpoint, bucket
         raise SelectionError(f"cannot read the experiment at {uri}: {exc}") from None
     if EXPERIMENT_FILE not in got:

@@ -56,13 +56,6 @@ def tune_progress(exp: Path, trial_id: str) -> pd.DataFrame:
     return pd.read_csv(exp / "tune" / f"trial_{trial_id}" / "progress.csv")
 
 
-def _rows(csv: Path) -> int:
-    try:
-        return max(len(csv.read_text().splitlines()) - 1, 0)
-    except OSError:
-        return 0
-
-
 def _new_checkpoint_on(train_dir: Path, node_id: str, last_epoch: int, max_age_s: float = 1.0) -> bool:
     """Whether a trial whose workers run on ``node_id`` wrote a checkpoint in the last
     ``max_age_s`` seconds, at epoch <= ``last_epoch``.
