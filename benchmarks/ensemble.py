@@ -85,8 +85,8 @@ def train_member(data, classes, name: str, seed: int, lr: float, epochs: int, *,
             "best_val_macro_f1": best, "best_epoch": best_epoch, "checkpoint": str(out.resolve())}
 
 
-def make_search(data_dir: Path, work: Path, *, image_size: int, cache_dir: Path) -> Path:
-    """Split the dataset, train ``MEMBERS`` and write a finished search folder ``work/search``.
+def make_search(data_dir: Path, work: Path, *, image_size: int, cache_dir: Path, members=MEMBERS) -> Path:
+    """Split the dataset, train ``members`` (default ``MEMBERS``) and write a finished search folder ``work/search``.
 
     A folder already complete (its trials.csv and every checkpoint there) is reused.
     """
@@ -103,7 +103,7 @@ def make_search(data_dir: Path, work: Path, *, image_size: int, cache_dir: Path)
     classes = manifest_classes(manifest)
     data = load_splits(find_dataset_root(data_dir), manifest, classes, resize_for(image_size), cache_dir=cache_dir)
     rows = []
-    for i, (name, seed, lr, epochs) in enumerate(MEMBERS):
+    for i, (name, seed, lr, epochs) in enumerate(members):
         t0 = time.perf_counter()
         row = train_member(data, classes, name, seed, lr, epochs, image_size=image_size,
                            out=work / "trials" / f"trial_{i}" / "checkpoint")

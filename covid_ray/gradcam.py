@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from covid_ray.checkpoint import file_digest
 from covid_ray.data.io import read_grayscale, resize_square
@@ -272,12 +272,27 @@ def read_mask(path: str | Path) -> np.ndarray:
 # --------------------------------------------------------------------------- overlay
 
 
-def overlay_png(gray: np.ndarray, cam: np.ndarray, preprocess: Preprocess, *, max_side: int = 1024,
-                alpha: float = 0.6) -> bytes:
+# Magenta: the one hue the jet colormap of the map never takes, so the outline stays visible on it.
+OUTLINE_RGB = (1.0, 0.0, 1.0)
+
+
+def lung_outline(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool: the border of a lung mask (any size, resized to ``shape``), about 1/300 of the side thick."""
+    h, w = shape
+    inside = np.asarray(Image.fromarray(mask).resize((w, h), Image.Resampling.BILINEAR)) >= 128
+    width = max(1, round(max(h, w) / 300))
+    eroded = np.asarray(Image.fromarray(inside.astype(np.uint8) * 255).filter(ImageFilter.MinFilter(2 * width + 1)))
+    return inside & (eroded < 128)
+
+
+def overlay_png(gray: np.ndarray, cam: np.ndarray, preprocess: Preprocess, *, mask: np.ndarray | None = None,
+                max_side: int = 1024, alpha: float = 0.6) -> bytes:
     """PNG of the map over the radiograph at its own resolution (at most ``max_side`` px).
 
     The map covers the model's input crop; outside it there is none. Opacity follows
     the map (``alpha`` at its maximum), so regions without evidence show the image.
+    With a lung ``mask`` ((H', W') uint8, any size: resized to the image) its outline is
+    drawn in :data:`OUTLINE_RGB`, so the in-lung share can be checked by eye.
     """
     from matplotlib import colormaps  # not pyplot: no global figure state, safe in threads
 
@@ -297,6 +312,8 @@ def overlay_png(gray: np.ndarray, cam: np.ndarray, preprocess: Preprocess, *, ma
     rgb = colormaps["jet"](heat)[..., :3]
     a = (alpha * heat)[..., None]
     out = (1 - a) * (base[..., None] / 255.0) + a * rgb
+    if mask is not None:
+        out[lung_outline(mask, (oh, ow))] = OUTLINE_RGB
     buf = io.BytesIO()
     Image.fromarray(np.round(out * 255).astype(np.uint8)).save(buf, format="PNG")
     return buf.getvalue()

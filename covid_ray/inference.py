@@ -39,6 +39,7 @@ from covid_ray.checkpoint import MODEL_FILE, load_checkpoint, model_from_checkpo
 from covid_ray.data.io import MAX_ASPECT, BadImageError, resize_square
 from covid_ray.data.layout import KAGGLE_DIRNAME, SYNTHETIC_MARKER
 from covid_ray.data.transforms import EvalPreset, normalization_for, resize_for
+from covid_ray.ood import NO_OOD_NOTE, OOD_OUTPUT, ood_fields
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +152,8 @@ class LoadedModel:
     metrics: dict | None = None  # metrics.json beside an exported ensemble
     input_name: str = "images"
     notes: list[str] = field(default_factory=list)
+    ood: dict | None = None  # preprocess.json's "ood", its threshold the one fitted for this graph file
+
 
     @property
     def name(self) -> str:
@@ -162,23 +165,34 @@ class LoadedModel:
 
     def predict(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
         """(B, K) float64 class probabilities in ``classes`` order."""
+        return self.predict_with_ood(x)[0]
+
+    def predict_with_ood(self, x: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """(B, K) class probabilities and the (B,) OOD scores (None for a model without them)."""
         if self.kind == "onnx":
             arr = x.numpy() if isinstance(x, torch.Tensor) else x
-            out = self.session.run(None, {self.input_name: np.ascontiguousarray(arr, dtype=np.float32)})[0]
-            return out.astype(np.float64)
+            names = [self.session.get_outputs()[0].name] + ([OOD_OUTPUT] if self.ood else [])
+            outs = self.session.run(names, {self.input_name: np.ascontiguousarray(arr, dtype=np.float32)})
+            return outs[0].astype(np.float64), (outs[1].astype(np.float64) if self.ood else None)
         with torch.inference_mode():
             logits = self.module(torch.as_tensor(x, dtype=torch.float32))
-        return torch.softmax(logits.double(), dim=1).numpy()
+        return torch.softmax(logits.double(), dim=1).numpy(), None
 
-    def result(self, probs: np.ndarray) -> dict:
-        """The JSON fields of one prediction (``image`` is added by the caller)."""
+    def classify(self, x: np.ndarray | torch.Tensor) -> dict:
+        """The JSON fields of the prediction for a batch of one image (``image`` is added by the caller)."""
+        probs, ood = self.predict_with_ood(x)
+        return self.result(probs[0], None if ood is None else float(ood[0]))
+
+    def result(self, probs: np.ndarray, ood_score: float | None = None) -> dict:
+        """The JSON fields of one prediction, with its OOD verdict (see :func:`ood_fields`)."""
         k = int(np.argmax(probs))
-        return {
+        row = {
             "class": self.classes[k],
             "probabilities": {c: round(float(p), 6) for c, p in zip(self.classes, probs)},
             "model": self.name,
             "synthetic": self.synthetic,
         }
+        return {**row, **ood_fields(self.ood, ood_score)}
 
     def describe(self) -> dict:
         """What ``GET /model`` reports: classes, preprocessing, members, test metrics."""
@@ -201,6 +215,11 @@ class LoadedModel:
             vm = self.meta.get("metrics", {})
             keys = ("val_accuracy", "val_macro_f1", "val_balanced_accuracy", "val_loss", "val_images", "epoch")
             info["metrics"] = {"split": "val", **{k: vm[k] for k in keys if k in vm}} if vm else None
+        info["ood"] = ({**self.ood, "available": True} if self.ood else
+                       {"available": False, "note": NO_OOD_NOTE})
+        measured = (self.metrics or {}).get("ood") or {}
+        if self.ood and measured.get("status") == "ok":  # the build's test-split and OOD-set rates
+            info["ood"]["measured"] = {k: measured.get(k) for k in ("test_accept_rate", "test_images", "benchmark")}
         if self.notes:
             info["notes"] = list(self.notes)
         return info
@@ -264,6 +283,7 @@ def load_onnx(path: Path, *, threads: int | None = None) -> LoadedModel:
         raise ModelLoadError(f"{path}: graph input {inp.name} has shape {shape}; {meta_path} describes [batch, *{expected}]")
     if len(out.shape) != 2 or out.shape[1] != len(classes):
         raise ModelLoadError(f"{path}: graph output has shape {out.shape}, expected [batch, {len(classes)}]")
+    ood = _ood_section(meta.get("ood"), session, path, meta_path)
     metrics_path = path.parent / METRICS_FILE
     metrics = None
     if metrics_path.is_file():
@@ -280,8 +300,23 @@ def load_onnx(path: Path, *, threads: int | None = None) -> LoadedModel:
     return LoadedModel(
         kind="onnx", path=path, classes=list(classes), preprocess=preprocess,
         synthetic=None if synthetic is None else bool(synthetic), meta=meta, session=session,
-        metrics=metrics, input_name=inp.name, notes=notes,
+        metrics=metrics, input_name=inp.name, notes=notes, ood=ood,
     )
+
+
+def _ood_section(ood, session, path: Path, meta_path: Path) -> dict | None:
+    """preprocess.json's ``ood``, checked against the graph, with this file's own threshold."""
+    if ood is None:
+        return None
+    if not isinstance(ood, dict) or not isinstance(ood.get("score"), str):
+        raise ModelLoadError(f"{meta_path}: 'ood' must be an object naming its 'score', got {ood!r}")
+    threshold = (ood.get("thresholds_by_graph") or {}).get(path.name, ood.get("threshold"))
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not np.isfinite(threshold):
+        raise ModelLoadError(f"{meta_path}: 'ood.threshold' must be a finite number, got {threshold!r}")
+    if OOD_OUTPUT not in {o.name for o in session.get_outputs()}:
+        raise ModelLoadError(f"{path}: {meta_path.name} describes an OOD score but the graph has no "
+                             f"{OOD_OUTPUT!r} output")
+    return {**ood, "threshold": float(threshold)}
 
 
 def checkpoint_synthetic(payload: dict) -> bool | None:

@@ -5,11 +5,16 @@ Inputs are integer labels ``y_true`` of shape ``(n,)`` and class probabilities
 logits first). Metrics that are undefined on the given data, such as the ROC-AUC
 of a class absent from ``y_true`` (common in small validation folds and bootstrap
 resamples), are NaN rather than errors; macro averages skip NaN entries.
+
+Confidence intervals are percentile bootstraps that resample duplicate groups, not
+single images (:func:`draw_resamples`), computed for every resample at once from
+confusion matrices (:func:`bootstrap_cis`, :func:`paired_bootstrap_ci`).
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -186,6 +191,187 @@ def nll(y_true: np.ndarray, y_prob: np.ndarray) -> float:
     return float(-np.log(p).mean())
 
 
+# --------------------------------------------------------------------------- bootstrap
+#
+# Confidence intervals resample the test set by duplicate group (the split manifest's
+# ``group`` column): the images of a group are copies or near-copies of one radiograph,
+# so they are one observation, and resampling them one by one would count that
+# observation several times and narrow every interval. Each resample draws as many
+# groups as there are, with replacement, and takes every image of a drawn group.
+#
+# The metrics reported with intervals (accuracy, macro-F1, per-class sensitivity and
+# specificity) depend on the confusion matrix alone, so all resamples are computed at
+# once: with G the (groups, K*K) confusion counts of each group and W the (n_boot,
+# groups) draw counts, ``W @ G`` holds every resample's confusion matrix.
+
+
+@dataclass(frozen=True)
+class Resamples:
+    """Bootstrap resamples of one evaluation set, drawn once and shared.
+
+    Applying the same ``Resamples`` to two prediction sets of the same images gives
+    paired resamples (see :func:`paired_bootstrap_ci`).
+    """
+
+    codes: np.ndarray  # (images,) group index of each image, 0 .. groups - 1
+    counts: np.ndarray  # (n_boot, groups): how often each group is drawn in each resample
+    by_group: bool  # False: no groups were given, so every image is its own group
+
+    @property
+    def n_boot(self) -> int:
+        return int(self.counts.shape[0])
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.counts.shape[1])
+
+    @property
+    def num_images(self) -> int:
+        return int(len(self.codes))
+
+    def image_counts(self, b: int) -> np.ndarray:
+        """How many times each image enters resample ``b`` (its group's draw count)."""
+        return self.counts[b][self.codes]
+
+
+def draw_resamples(n: int, groups: Sequence | np.ndarray | None = None, *, n_boot: int = 1000,
+                   seed: int = 0) -> Resamples:
+    """Draw ``n_boot`` resamples of ``n`` images by group, from ``np.random.default_rng(seed)``.
+
+    Args:
+        n: number of images.
+        groups: a group label per image (any hashable values); images with the same
+            label are resampled together. None: one group per image (plain bootstrap).
+
+    The draws depend only on the number of groups, ``n_boot`` and ``seed``, so the
+    same arguments give the same resamples.
+    """
+    if n < 1 or n_boot < 1:
+        raise ValueError(f"need n >= 1 images and n_boot >= 1, got {n} and {n_boot}")
+    if groups is None:
+        codes = np.arange(n)
+    else:
+        groups = np.asarray(groups)
+        if groups.shape != (n,):
+            raise ValueError(f"expected one group per image ({n}), got groups of shape {groups.shape}")
+        _, codes = np.unique(groups, return_inverse=True)
+    num_groups = int(codes.max()) + 1
+    draws = np.random.default_rng(seed).integers(0, num_groups, size=(n_boot, num_groups))
+    # Per-resample histograms in one bincount: resample b's draws are offset by b * groups.
+    offsets = (np.arange(n_boot) * num_groups)[:, None]
+    counts = np.bincount((draws + offsets).ravel(), minlength=n_boot * num_groups)
+    counts = counts.reshape(n_boot, num_groups).astype(np.int32)
+    return Resamples(codes=codes.astype(np.int64), counts=counts, by_group=groups is not None)
+
+
+def resampled_confusions(y_true: np.ndarray, y_prob: np.ndarray, resamples: Resamples) -> np.ndarray:
+    """Confusion matrices of argmax predictions on every resample, shape (n_boot, K, K)."""
+    y_true, y_prob = _check_inputs(y_true, y_prob)
+    if len(y_true) != resamples.num_images:
+        raise ValueError(f"the resamples are of {resamples.num_images} images, got {len(y_true)}")
+    k = y_prob.shape[1]
+    cells = (resamples.codes * k + y_true) * k + y_prob.argmax(axis=1)
+    per_group = np.bincount(cells, minlength=resamples.num_groups * k * k).reshape(resamples.num_groups, k * k)
+    # float64 holds these integer counts exactly and lets BLAS do the product.
+    return (resamples.counts.astype(np.float64) @ per_group.astype(np.float64)).reshape(-1, k, k)
+
+
+def confusion_metrics(cm: np.ndarray) -> dict[str, np.ndarray]:
+    """Metrics of confusion matrices ``cm[..., true, predicted]``, vectorized over leading axes.
+
+    Returns arrays ``accuracy``, ``macro_f1``, ``balanced_accuracy`` (shape ``cm.shape[:-2]``)
+    and ``recall`` (sensitivity), ``specificity``, ``precision``, ``f1`` (one more axis,
+    per class), with the NaN rules of :func:`compute_metrics`: recall NaN for a class
+    absent from the truth, precision NaN for a class never predicted, F1 NaN for a class
+    absent from both, specificity NaN without negatives; averages over defined classes.
+    """
+    cm = np.asarray(cm, dtype=np.float64)
+    tp = np.diagonal(cm, axis1=-2, axis2=-1)
+    support, predicted = cm.sum(axis=-1), cm.sum(axis=-2)
+    total = cm.sum(axis=(-2, -1))
+    fp = predicted - tp
+    tn = total[..., None] - support - fp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = {
+            "accuracy": np.where(total > 0, tp.sum(axis=-1) / total, np.nan),
+            "recall": np.where(support > 0, tp / support, np.nan),
+            "specificity": np.where(tn + fp > 0, tn / (tn + fp), np.nan),
+            "precision": np.where(predicted > 0, tp / predicted, np.nan),
+            # 2 TP / (2 TP + FP + FN), written as scikit-learn does (same rounding).
+            "f1": np.where(support + predicted > 0, 2 * tp / (support + predicted), np.nan),
+        }
+    out["macro_f1"] = _nanmean_last(out["f1"])
+    out["balanced_accuracy"] = _nanmean_last(out["recall"])
+    return out
+
+
+def _nanmean_last(values: np.ndarray) -> np.ndarray:
+    defined = ~np.isnan(values)
+    count = defined.sum(axis=-1)
+    total = np.where(defined, values, 0.0).sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def percentile_interval(stats: np.ndarray, alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile interval of bootstrap statistics; NaN resamples are left out, (nan, nan) if all are."""
+    stats = np.asarray(stats, dtype=np.float64)
+    finite = stats[~np.isnan(stats)]
+    if finite.size == 0:
+        return float("nan"), float("nan")
+    low, high = np.percentile(finite, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return float(low), float(high)
+
+
+def bootstrap_cis(
+    y_true: np.ndarray, y_prob: np.ndarray, class_names: Sequence[str], resamples: Resamples, *,
+    alpha: float = 0.05,
+) -> dict[str, tuple[float, float]]:
+    """Percentile ``(1 - alpha)`` intervals of the confusion-matrix metrics, all resamples at once.
+
+    Returns:
+        ``{"accuracy", "macro_f1", "sensitivity/<class>", "specificity/<class>"}`` ->
+        ``(low, high)``. A resample where a metric is undefined (a class absent from
+        it) is left out of that metric's interval.
+    """
+    if not 0 < alpha < 1:
+        raise ValueError(f"need 0 < alpha < 1, got {alpha}")
+    y_true, y_prob = _check_inputs(y_true, y_prob, len(class_names))
+    stats = confusion_metrics(resampled_confusions(y_true, y_prob, resamples))
+    out = {name: percentile_interval(stats[name], alpha) for name in ("accuracy", "macro_f1")}
+    for key, name in (("recall", "sensitivity"), ("specificity", "specificity")):
+        for k, cls in enumerate(class_names):
+            out[f"{name}/{cls}"] = percentile_interval(stats[key][:, k], alpha)
+    return out
+
+
+def paired_bootstrap_ci(
+    y_true: np.ndarray, prob_a: np.ndarray, prob_b: np.ndarray, resamples: Resamples, *,
+    metric: str = "macro_f1", alpha: float = 0.05,
+) -> tuple[float, float, float]:
+    """``metric(a) - metric(b)`` on the whole set and its percentile interval over paired resamples.
+
+    Both prediction sets are scored on the same resamples, so what the two models get
+    right together cancels out of the interval. ``metric`` is one of the summary keys
+    of :func:`confusion_metrics` (``accuracy``, ``macro_f1``, ``balanced_accuracy``).
+
+    Returns:
+        ``(difference, low, high)``.
+    """
+    if metric not in ("accuracy", "macro_f1", "balanced_accuracy"):
+        raise ValueError(f"unknown metric {metric!r}; choose accuracy, macro_f1 or balanced_accuracy")
+    if not 0 < alpha < 1:
+        raise ValueError(f"need 0 < alpha < 1, got {alpha}")
+    y_true, prob_a = _check_inputs(y_true, prob_a)
+    _, prob_b = _check_inputs(y_true, prob_b, prob_a.shape[1])
+    k = prob_a.shape[1]
+    point = [confusion_metrics(np.bincount(y_true * k + p.argmax(axis=1), minlength=k * k).reshape(k, k))[metric]
+             for p in (prob_a, prob_b)]
+    diff = (confusion_metrics(resampled_confusions(y_true, prob_a, resamples))[metric]
+            - confusion_metrics(resampled_confusions(y_true, prob_b, resamples))[metric])
+    return (float(point[0] - point[1]), *percentile_interval(diff, alpha))
+
+
 def bootstrap_ci(
     y_true: np.ndarray,
     y_prob: np.ndarray,
@@ -193,27 +379,30 @@ def bootstrap_ci(
     n_boot: int = 1000,
     alpha: float = 0.05,
     seed: int = 0,
+    groups: Sequence | np.ndarray | None = None,
 ) -> tuple[float, float]:
-    """Percentile bootstrap ``(1 - alpha)`` confidence interval of ``metric_fn(y_true, y_prob)``.
+    """Percentile bootstrap ``(1 - alpha)`` confidence interval of any ``metric_fn(y_true, y_prob)``.
 
-    All resample indices are drawn at once from ``np.random.default_rng(seed)``,
-    so the interval is deterministic for a seed. Resamples where the metric is
-    NaN (e.g. AUC with a class missing from the resample) are left out;
-    ``(nan, nan)`` if every one is.
+    The general, slow path: ``metric_fn`` is called once per resample. For accuracy,
+    macro-F1, sensitivity and specificity use :func:`bootstrap_cis`, which gives the
+    same intervals from the same draws at once. Resamples come from
+    :func:`draw_resamples` (by ``groups`` when given), so the interval is
+    deterministic for a seed. Resamples where the metric is NaN (e.g. AUC with a
+    class missing from the resample) are left out; ``(nan, nan)`` if every one is.
     """
     if n_boot < 1 or not 0 < alpha < 1:
         raise ValueError(f"need n_boot >= 1 and 0 < alpha < 1, got {n_boot} and {alpha}")
     y_true, y_prob = _check_inputs(y_true, y_prob)
-    rng = np.random.default_rng(seed)
-    indices = rng.integers(0, len(y_true), size=(n_boot, len(y_true)))
-    stats = np.array([metric_fn(y_true[idx], y_prob[idx]) for idx in indices], dtype=np.float64)
-    stats = stats[~np.isnan(stats)]
-    if stats.size < n_boot:
-        logger.info("bootstrap_ci: %d of %d resamples gave NaN and were left out", n_boot - stats.size, n_boot)
-    if stats.size == 0:
-        return float("nan"), float("nan")
-    low, high = np.percentile(stats, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return float(low), float(high)
+    resamples = draw_resamples(len(y_true), groups, n_boot=n_boot, seed=seed)
+    rows = np.arange(len(y_true))
+    stats = np.empty(n_boot)
+    for b in range(n_boot):
+        idx = np.repeat(rows, resamples.image_counts(b))  # every image of a drawn group, as often as drawn
+        stats[b] = metric_fn(y_true[idx], y_prob[idx])
+    left_out = int(np.isnan(stats).sum())
+    if left_out:
+        logger.info("bootstrap_ci: %d of %d resamples gave NaN and were left out", left_out, n_boot)
+    return percentile_interval(stats, alpha)
 
 
 def validation_summary(y_true: np.ndarray, logits: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:

@@ -6,7 +6,14 @@ with ``preprocess.json`` beside it, or their folder) or one training checkpoint
 recorded with the model (:mod:`covid_ray.inference`) and one line on stdout::
 
     {"image": "x.png", "class": "COVID", "probabilities": {"COVID": 0.91, ...},
-     "model": ".../ensemble_int8.onnx", "synthetic": true}
+     "model": ".../ensemble_int8.onnx", "synthetic": true,
+     "in_distribution": true, "ood_score": 0.83, "ood_threshold": 1.42}
+
+An ensemble exported with an OOD score abstains on images unlike its training
+radiographs (a photo, a document, a digit): ``"in_distribution": false``,
+``"class": null``, the probabilities still given, and ``abstain_reason`` in plain
+words (:mod:`covid_ray.ood`). A model without a score (a single checkpoint, an older
+export) gives ``"in_distribution": null``, ``"ood_score": null`` and ``ood_note``.
 
 A file that cannot be read as an image prints ``{"image", "error"}`` on its line and
 the others still print. ``--gradcam OUT_DIR`` writes a Grad-CAM overlay per image
@@ -90,7 +97,7 @@ def predict_files(
         except BadImageError as exc:
             yield {"image": str(image), "error": exc.reason}
             continue
-        row = {"image": str(image), **model.result(model.predict(prepared.x)[0])}
+        row = {"image": str(image), **model.classify(prepared.x)}  # with the OOD verdict
         if decoded.notes:
             row["notes"] = decoded.notes
         if cam is not None:

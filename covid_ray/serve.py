@@ -6,9 +6,12 @@ Endpoints:
   lung mask): the JSON line of ``covid_ray.predict`` for the upload. With
   ``?gradcam=true`` it adds ``gradcam_png`` (base64 PNG overlay); with a mask it adds
   ``lung_cam_share`` and ``lung_area_share``.
+* ``GET /``: a page to upload a radiograph (and its mask) and see the answer with the
+  Grad-CAM overlay; ``GET /model-card``: the exported ensemble's card (:mod:`covid_ray.web`).
 * ``GET /health``: ``{"status": "ok"}`` once the model is loaded.
 * ``GET /model``: classes, preprocessing, members, the test metrics summary from
-  ``metrics.json`` when present, the synthetic flag, Grad-CAM availability and limits.
+  ``metrics.json`` when present, the synthetic flag, Grad-CAM availability and limits,
+  and ``ood``: the OOD abstention score and threshold with their measured rates.
 
 Bad uploads get a 4xx with ``{"detail": message}``, never a 500: a request body over
 the limit 413 (FastAPI's ``max_body_size``: checked against Content-Length before the
@@ -39,6 +42,7 @@ from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from covid_ray.data.io import MAX_PIXELS, BadImageError, decode_grayscale
 from covid_ray.gradcam import GradCam, GradCamUnavailable, gradcam_for, overlay_png, share_fields
 from covid_ray.inference import LoadedModel, ModelLoadError, load_model
+from covid_ray.web import add_web_routes
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +95,7 @@ def create_app(
     info = model.describe()
     info["gradcam"] = {"available": cam is not None, **({"reason": cam_error} if cam is None else {})}
     info["limits"] = {"max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels, "gradcam_queue": gradcam_queue}
+    add_web_routes(app, model, info)  # the page at /, its files, /model-card
 
     @app.get("/health")
     def health() -> dict:
@@ -112,7 +117,7 @@ def create_app(
             prepared = model.prepare(decoded.array)
         except BadImageError as exc:
             raise HTTPException(400, detail=f"file: {exc.reason}") from None
-        row = {"image": file.filename or "upload", **model.result(model.predict(prepared.x)[0])}
+        row = {"image": file.filename or "upload", **model.classify(prepared.x)}  # with the OOD verdict
         if decoded.notes:
             row["notes"] = decoded.notes
         if gradcam or mask_array is not None:
@@ -127,7 +132,7 @@ def create_app(
             finally:
                 cam_slots.release()
             if gradcam and result.cam is not None:
-                png = overlay_png(decoded.array, result.cam, model.preprocess)
+                png = overlay_png(decoded.array, result.cam, model.preprocess, mask=mask_array)
                 row["gradcam_png"] = base64.b64encode(png).decode("ascii")
             if mask_array is not None:
                 row.update(share_fields(result))

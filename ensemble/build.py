@@ -1,9 +1,12 @@
 """``python -m ensemble.build --top K``: top-K ensemble of a search, calibrated, evaluated, exported.
 
 Reads ``<results>/<NAME>/`` (``experiment.json``, ``split.csv``, ``trials.csv``), picks
-the K best usable trials, combines their validation probabilities (``soft`` mean,
-``weighted`` or ``greedy`` fitted on validation), fits one temperature on validation,
-evaluates the ensemble and every member on the test split, and exports one ONNX graph
+the K best usable trials, combines their validation probabilities (default ``guarded``:
+greedy selection with a fallback to the best member when it is worse on validation;
+or the ``soft`` mean, ``weighted``, ``greedy``; see :mod:`ensemble.combine`), fits one
+temperature on validation, evaluates the ensemble and every member on the test split
+with duplicate-group bootstrap intervals, compares the ensemble with its best member
+and with the search's hand-recipe trial (:mod:`ensemble.reference`), and exports one ONNX graph
 (fp32, and int8 behind a parity gate). Everything goes to ``<experiment>/ensemble/``:
 ``metrics.json``, ``report.md``, ``confusion_matrix.png``, ``roc.png``,
 ``reliability.png``, ``ensemble_fp32.onnx``, ``ensemble_int8.onnx``, ``preprocess.json``
@@ -11,6 +14,15 @@ and ``cache/`` (member probabilities, so rebuilding with another K or method is 
 The report also gives the mean share of the ensemble's Grad-CAM inside the lung masks
 over a seeded sample of test images (``--lung-cam-images``, default 32; Grad-CAM costs
 a backward pass per member and image, so not the whole split).
+
+Trust stages (:mod:`ensemble.trust`): an OOD score chosen on validation vs OOD proxies,
+exported as the graph's second output ``ood_score`` with its threshold (95% of the
+validation images accepted) in ``preprocess.json`` and ``ood_head.npz``, and measured
+on OOD sets (:mod:`ensemble.abstain`; ``--no-ood`` skips it); a shortcut audit of the
+test split with the lungs removed and with the lungs only (:mod:`ensemble.shortcut`;
+``--no-shortcut-audit``); optional test-time augmentation inside the graph
+(``--tta flip,rot5``, :mod:`ensemble.tta`); and ``MODEL_CARD.md`` with ``metadata.json``
+rendered from ``metrics.json`` (:mod:`ensemble.model_card`).
 
 Exit status: 0 done; 2 bad input (no experiment, no usable trial); 1 with ``--strict``
 when the export was refused or the int8 model failed its parity gate.
@@ -33,14 +45,18 @@ import torch
 
 from covid_ray.data.scan import find_dataset_root
 from covid_ray.data.split import read_manifest
+from covid_ray.metrics import Resamples
 from covid_ray.uri import is_uri, join, upload_dir
 
 from ensemble.calibrate import apply_temperature, calibration_summary, fit_temperature
-from ensemble.combine import METHODS, combine_weights, soft_vote
+from ensemble.combine import DEFAULT_METHOD, METHODS, combine, soft_vote
 from ensemble.deploy import EXPORTS, export_ensemble
-from ensemble.evaluate import covid_index, evaluate_probs, member_entry, sklearn_report
+from ensemble.evaluate import covid_index, evaluate_probs, member_entry, sklearn_report, split_resamples
 from ensemble.members import SplitProbs, member_probabilities, sample_rows
+from ensemble.tta import SPEC_HELP as TTA_HELP, parse_tta
 from ensemble.plots import confusion_matrix_png, reliability_png, roc_png
+from ensemble.reference import best_member_comparison, recipe_comparison, summary_lines as reference_summary_lines
+from ensemble import trust
 from ensemble.report import render_report
 from ensemble.select import (
     Experiment,
@@ -67,7 +83,7 @@ class BuildOptions:
     top: int = 5
     metric: str | None = None  # default: the experiment's metric
     mode: str | None = None  # default: the experiment's mode for its metric, else min for losses
-    method: str = "soft"
+    method: str = DEFAULT_METHOD
     calibrate: bool = True
     export: str = "onnx-int8"
     strict: bool = False
@@ -76,14 +92,21 @@ class BuildOptions:
     calibration_images: int = 128  # training images for int8 activation ranges
     latency_repeats: int = 10
     lung_cam_images: int = 32  # test images (with masks) for the in-lung Grad-CAM share; 0 skips it
+    progress: bool = False  # member predictions' progress on stderr (the CLI turns it on)
+    tta: str | tuple[str, ...] = ()  # --tta views ("flip,rot5"), parsed to view names (ensemble.tta)
+    ood: bool = True  # fit, export and measure the OOD abstention score (ensemble.abstain)
+    shortcut: bool = True  # the lungs-removed / lungs-only audit (ensemble.shortcut)
 
     def __post_init__(self):
+        self.tta = parse_tta(self.tta)  # ValueError naming a bad view
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
         if self.export not in EXPORTS:
             raise ValueError(f"unknown export {self.export!r}; choose one of {EXPORTS}")
         if self.mode not in (None, "max", "min"):
             raise ValueError(f"mode must be 'max' or 'min', got {self.mode!r}")
+        if self.n_boot < 1:
+            raise ValueError(f"--n-boot must be >= 1 (the 95% intervals and the paired comparisons), got {self.n_boot}")
 
 
 @dataclass
@@ -134,21 +157,27 @@ def evaluate_ensemble(
     opts: BuildOptions,
     out_dir: Path,
     metric: str,
+    *,
+    resamples: Resamples,
 ) -> tuple[dict, np.ndarray, float]:
-    """Combine and calibrate on val, evaluate on test, draw the figures. Returns (metrics, weights, T)."""
+    """Combine and calibrate on val, evaluate on test, draw the figures. Returns (metrics, weights, T).
+
+    ``resamples``: the test split's bootstrap resamples, shared by every interval.
+    """
     classes = experiment.classes
     val, test = probs["val"], probs["test"]
-    weights = combine_weights(opts.method, val.probs, val.labels)
+    combination = combine(opts.method, val.probs, val.labels, metric=metric)
+    weights = combination.weights
     val_mix, test_mix = soft_vote(val.probs, weights), soft_vote(test.probs, weights)
     temperature = fit_temperature(val_mix, val.labels) if opts.calibrate else 1.0
     val_cal, test_cal = apply_temperature(val_mix, temperature), apply_temperature(test_mix, temperature)
 
-    ensemble = evaluate_probs(test.labels, test_cal, classes, n_boot=opts.n_boot)
+    ensemble = evaluate_probs(test.labels, test_cal, classes, resamples=resamples)
     ensemble["classification_report"], ensemble["classification_report_dict"] = sklearn_report(
         test.labels, test_cal, classes
     )
     members = [
-        member_entry(m, w, evaluate_probs(test.labels, test.probs[i], classes, n_boot=opts.n_boot), metric)
+        member_entry(m, w, evaluate_probs(test.labels, test.probs[i], classes, resamples=resamples), metric)
         for i, (m, w) in enumerate(zip(selection.members, weights))
     ]
     k = covid_index(classes)
@@ -164,6 +193,7 @@ def evaluate_ensemble(
         "top": opts.top,
         "members_used": len(selection.members),
         "weights": {m.trial_id: float(w) for m, w in zip(selection.members, weights)},
+        "combination": combination.summary([m.trial_id for m in selection.members]),
         "val_images": int(len(val.labels)),
         "test_images": int(len(test.labels)),
         "test_counts": {c: int((test.labels == i).sum()) for i, c in enumerate(classes)},
@@ -176,8 +206,11 @@ def evaluate_ensemble(
             "test": calibration_summary(test.labels, test_mix, test_cal),
         },
         "ensemble": ensemble,
-        "ensemble_uncalibrated": _short(evaluate_probs(test.labels, test_mix, classes, n_boot=0)),
+        "ensemble_uncalibrated": _short(evaluate_probs(test.labels, test_mix, classes)),
         "members": members,
+        "vs_best_member": best_member_comparison(selection, test, test_cal, resamples, weights,
+                                                 synthetic=experiment.synthetic,
+                                                 fell_back=combination.choice == "best_member"),
         "skipped": selection.skipped,
         "notes": selection.notes,
     }
@@ -236,7 +269,8 @@ def build_ensemble(folder: str | Path, opts: BuildOptions) -> BuildResult:
     experiment = read_experiment(folder)
     metric = opts.metric or experiment.metric
     mode = opts.mode or metric_mode(metric, experiment)
-    selection = select_top(experiment, read_trials(folder), opts.top, metric, mode)
+    trials = read_trials(folder)
+    selection = select_top(experiment, trials, opts.top, metric, mode)
     for note in selection.notes:
         logger.warning("%s", note)
     manifest = read_manifest(experiment.split)
@@ -245,9 +279,19 @@ def build_ensemble(folder: str | Path, opts: BuildOptions) -> BuildResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     probs = member_probabilities(
         selection.members, experiment, manifest, ("val", "test"),
-        cache_dir=out_dir / "cache", data_cache_dir=data_cache_dir,
+        cache_dir=out_dir / "cache", data_cache_dir=data_cache_dir, progress=opts.progress,
     )
-    metrics, weights, temperature = evaluate_ensemble(experiment, selection, probs, opts, out_dir, metric)
+    plain_probs, probs = probs, trust.tta_inputs(opts.tta, selection, experiment, manifest, probs,
+                                                 cache_dir=out_dir / "cache", data_cache_dir=data_cache_dir)
+    resamples, metrics_bootstrap = split_resamples(manifest, "test", probs["test"].sha1, n_boot=opts.n_boot)
+    metrics, weights, temperature = evaluate_ensemble(experiment, selection, probs, opts, out_dir, metric,
+                                                      resamples=resamples)
+    metrics["bootstrap"] = metrics_bootstrap
+    metrics["recipe"] = recipe_comparison(
+        experiment, selection, trials, probs,
+        apply_temperature(soft_vote(probs["test"].probs, weights), temperature), weights, resamples,
+        manifest=manifest, metric=metric, cache_dir=out_dir / "cache", data_cache_dir=data_cache_dir,
+    )
     if opts.lung_cam_images > 0:
         try:
             metrics["lung_cam"] = lung_cam_summary(experiment, manifest, selection.members, weights,
@@ -255,14 +299,23 @@ def build_ensemble(folder: str | Path, opts: BuildOptions) -> BuildResult:
         except (ValueError, RuntimeError, OSError) as exc:  # a diagnostic: never lose the build over it
             logger.exception("in-lung Grad-CAM share failed")
             metrics["lung_cam"] = {"images": 0, "available": 0, "note": f"failed: {type(exc).__name__}: {exc}"}
+    ood_fit = trust.before_export(
+        metrics, selection, experiment, manifest, plain_probs, probs, weights, temperature, views=opts.tta,
+        calibrate=opts.calibrate, ood=opts.ood, shortcut=opts.shortcut, latency_repeats=opts.latency_repeats,
+        cache_dir=out_dir / "cache", data_cache_dir=data_cache_dir,
+    )
     metrics["export"] = export_ensemble(
         selection.members, weights, temperature, experiment, manifest, out_dir,
         kind=opts.export, data_cache_dir=data_cache_dir,
         calibration_images=opts.calibration_images, latency_repeats=opts.latency_repeats,
+        views=opts.tta, ood=ood_fit,
     )
+    trust.after_export(metrics, ood_fit, experiment, manifest, out_dir, cache_dir=out_dir / "cache",
+                       data_cache_dir=data_cache_dir)
     metrics = _plain(metrics)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out_dir / "report.md").write_text(render_report(metrics))
+    trust.write_card(out_dir, metrics)
     export_ok = metrics["export"]["status"] in ("ok", "skipped")
     return BuildResult(out_dir, metrics, 1 if opts.strict and not export_ok else 0)
 
@@ -279,17 +332,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results-root", default="results", help="where --experiment looks (default: results)")
     p.add_argument("--metric", default=None, help="rank trials by best_<metric> (default: the experiment's)")
     p.add_argument("--mode", choices=["max", "min"], default=None, help="metric direction (default: inferred)")
-    p.add_argument("--method", choices=METHODS, default="soft", help="how to combine members (default soft)")
+    p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
+                   help=f"how to combine members (default {DEFAULT_METHOD}: greedy selection on validation NLL, "
+                        "replaced by the best member when it is worse on the experiment's metric on validation; "
+                        "soft: equal weights)")
     p.add_argument("--no-calibrate", action="store_true", help="skip temperature scaling")
     p.add_argument("--export", choices=EXPORTS, default="onnx-int8", help="what to export (default onnx-int8)")
     p.add_argument("--strict", action="store_true", help="exit 1 when the export is refused or int8 fails its gate")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
+    p.add_argument("--n-boot", type=int, default=1000,
+                   help="bootstrap resamples (of duplicate groups) for the 95%% CIs (default 1000)")
     p.add_argument("--cache-dir", default=None, help="image decode cache (default: $COVID_RAY_CACHE or ~/.cache/covid_ray)")
     p.add_argument("--calibration-images", type=int, default=128, help="training images for int8 calibration")
     p.add_argument("--latency-repeats", type=int, default=10, help="timed runs per latency figure (0: skip)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime (default: torch's)")
     p.add_argument("--lung-cam-images", type=int, default=32,
                    help="test images with lung masks for the in-lung Grad-CAM share (default 32; 0: skip)")
+    p.add_argument("--mlflow", action="store_true",
+                   help="also log the ensemble as an MLflow run, in <experiment>/mlruns or $MLFLOW_TRACKING_URI, "
+                        "under the search's name (needs: pip install 'covid-ray[mlflow]')")
+    p.add_argument("--tta", default="", metavar="VIEWS",
+                   help=f"test-time augmentation inside the exported graph: {TTA_HELP} (default: none)")
+    p.add_argument("--no-ood", action="store_true", help="no OOD abstention score (default: fitted and exported)")
+    p.add_argument("--no-shortcut-audit", action="store_true", help="skip the lungs-removed / lungs-only audit")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -306,6 +370,8 @@ def _summary_lines(m: dict, out_dir: Path) -> list[str]:
     for r in m["members"]:
         name = f"{r['model']} ({r['trial_id']})"[:28]
         lines.append(row.format(name, fmt(r["accuracy"]), fmt(r["macro_f1"]), fmt(r["roc_auc_macro"]), fmt(r["ece"])))
+    lines += reference_summary_lines(m)
+    lines += trust.summary_lines(m)
     lung = m.get("lung_cam")
     if lung and lung.get("images"):
         lines.append(f"in-lung Grad-CAM share: mean {lung['mean']:.3f} over {lung['images']} test images "
@@ -325,12 +391,21 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)  # ONNX Runtime sessions follow torch's count
+    if args.mlflow:  # fail before the build, not after it
+        from covid_ray.tracking import MlflowUnavailableError, require_mlflow
+
+        try:
+            require_mlflow()
+        except MlflowUnavailableError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     try:
         opts = BuildOptions(
             top=args.top, metric=args.metric, mode=args.mode, method=args.method, calibrate=not args.no_calibrate,
             export=args.export, strict=args.strict, n_boot=args.n_boot, data_cache_dir=args.cache_dir,
             calibration_images=args.calibration_images, latency_repeats=args.latency_repeats,
-            lung_cam_images=args.lung_cam_images,
+            lung_cam_images=args.lung_cam_images, progress=True,
+            tta=args.tta, ood=not args.no_ood, shortcut=not args.no_shortcut_audit,
         )
         where = experiment_location(args.experiment, args.results_dir, results_root=args.results_root)
         folder = resolve_experiment_dir(None, where)
@@ -349,6 +424,16 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 1
         print(f"uploaded {result.out_dir.name}/ to {remote}")
+    if args.mlflow:
+        from ensemble.tracking import log_ensemble_run
+
+        try:
+            run = log_ensemble_run(folder, result.out_dir, result.metrics)
+        except Exception as exc:  # the ensemble is built and written; only the MLflow copy failed
+            print(f"error: the ensemble is in {result.out_dir}, but logging it to MLflow failed: "
+                  f"{type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        print(f"mlflow: run {run.run_id} in experiment {run.experiment_name!r} at {run.tracking_uri}")
     return result.exit_code
 
 

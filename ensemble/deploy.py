@@ -25,6 +25,8 @@ from ensemble.export import (
     preprocess_json,
     write_preprocess_json,
 )
+from ensemble.graph import trusted
+from ensemble.ood import PARAMS_FILE as OOD_PARAMS_FILE  # written by ensemble.abstain after the export
 from ensemble.members import preprocessed_batches, sample_rows, split_dataset
 from ensemble.quantize import (
     cpu_threads,
@@ -47,7 +49,7 @@ FP32_TOLERANCE = 1e-4
 
 def remove_stale(out_dir: Path) -> None:
     """Delete export files of an earlier build, so the folder never mixes two ensembles."""
-    for name in (FP32_FILE, INT8_FILE, PREPROCESS_FILE):
+    for name in (FP32_FILE, INT8_FILE, PREPROCESS_FILE, OOD_PARAMS_FILE):
         for path in (out_dir / name, out_dir / (name + ".data")):
             path.unlink(missing_ok=True)
 
@@ -55,8 +57,13 @@ def remove_stale(out_dir: Path) -> None:
 @torch.no_grad()
 def torch_probs(module: EnsembleModule, x: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
     module.eval()
-    parts = [module(torch.from_numpy(x[i : i + batch_size])).numpy() for i in range(0, len(x), batch_size)]
+    parts = [_probs_of(module(torch.from_numpy(x[i : i + batch_size]))).numpy() for i in range(0, len(x), batch_size)]
     return np.concatenate(parts).astype(np.float64)
+
+
+def _probs_of(out):
+    """The probabilities of a module's output: a graph with an OOD score returns (probs, ood_score)."""
+    return out[0] if isinstance(out, tuple) else out
 
 
 def _gated_int8(fp32_path: Path, candidate: Path, calibration: np.ndarray, batches, fp32: np.ndarray,
@@ -80,8 +87,14 @@ def export_ensemble(
     data_cache_dir: str | Path | None = None,
     calibration_images: int = 128,
     latency_repeats: int = 10,
+    views: Sequence[str] = (),
+    ood=None,
 ) -> dict:
     """Export the ensemble; returns the ``export`` section of metrics.json.
+
+    ``views`` (``--tta``) and ``ood`` (an :class:`ensemble.abstain.OodFit`) go into the
+    graph (:mod:`ensemble.graph`); the OOD threshold is fitted after, by
+    :func:`ensemble.abstain.finish_ood`.
 
     ``status`` is ``ok``, ``refused`` (no exact single graph, e.g. mixed image sizes;
     ``message`` says why), or ``int8_rejected`` (the parity gate failed or quantization
@@ -94,7 +107,8 @@ def export_ensemble(
     if kind == "none":
         return {**info, "status": "skipped"}
     try:
-        module = EnsembleModule(members, weights, temperature, experiment.classes)
+        module = trusted(EnsembleModule(members, weights, temperature, experiment.classes), views=views,
+                         ood_score=ood.score if ood else None, fits=ood.fits if ood else None)
     except ExportRefused as exc:
         logger.error("%s", exc)
         return {**info, "status": "refused", "message": str(exc)}
@@ -155,6 +169,7 @@ def export_ensemble(
         path.unlink(missing_ok=True)  # a rejected model (kept until its latency was measured)
 
     meta = preprocess_json(module, experiment.classes, synthetic=experiment.synthetic)
+    meta.update(module.preprocess_extra() if hasattr(module, "preprocess_extra") else {})  # TTA views, outputs
     write_preprocess_json(meta, out_dir / PREPROCESS_FILE)
     info["files"][PREPROCESS_FILE] = file_size(out_dir / PREPROCESS_FILE)
     info["weights"] = dict(zip(module.trial_ids, module.weights))

@@ -18,6 +18,19 @@ Exporter: ``torch.onnx.export(dynamo=True)`` (torch.export + onnxscript). The le
 TorchScript exporter fails on ``seed_cnn``, whose ``AdaptiveAvgPool2d(14)`` does not
 divide the feature map at sizes other than 224 px; the dynamo exporter decomposes it.
 The batch axis is dynamic.
+
+Test-time augmentation and OOD abstention (:mod:`ensemble.graph` wraps this module):
+with ``--tta`` the views are built inside the graph, after the input, so a client
+feeds it exactly as without; with an OOD score the graph has a second output
+``ood_score`` (B,), higher meaning less like the training radiographs, computed inside
+the graph from the un-augmented view (for ``mahalanobis`` the class means and whitening
+matrices are constants of the graph). ``preprocess.json`` then says which views
+(``tta.views``) and gains an ``ood`` object: ``score`` (the candidate used),
+``threshold`` (abstain when ``ood_score > threshold``), ``higher_is``
+(``"out-of-distribution"``), ``fitted_on`` (``"val"``), ``val_accept_rate``,
+``thresholds_by_graph`` (the threshold fitted on each exported file's own validation
+scores, since int8 shifts them a little) and ``parameters`` (``ood_head.npz``: the same
+numbers for the torch path, :func:`ensemble.trust.torch_ensemble`). See :mod:`ensemble.ood`.
 """
 from __future__ import annotations
 
@@ -144,7 +157,7 @@ def export_onnx(module: EnsembleModule, path: str | Path, *, opset: int = 18) ->
         warnings.simplefilter("ignore")  # torch.export's notes on internal APIs, not actionable here
         torch.onnx.export(
             module.eval(), (example,), str(path), dynamo=True, opset_version=opset,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            input_names=[INPUT_NAME], output_names=list(getattr(module, "output_names", [OUTPUT_NAME])),
             dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}},
             external_data=n_bytes > INLINE_LIMIT_BYTES, verbose=False,
         )

@@ -30,6 +30,7 @@ from covid_ray.data.scan import find_dataset_root
 from covid_ray.data.transforms import EvalPreset, resize_for
 from covid_ray.engine import predict_logits
 from covid_ray.metrics import softmax
+from covid_ray.progress import progress_bar
 
 from ensemble.select import Experiment, Member
 
@@ -118,6 +119,7 @@ def member_probabilities(
     cache_dir: str | Path,
     data_cache_dir: str | Path | None = None,
     batch_size: int = 64,
+    progress: bool = False,
 ) -> dict[str, SplitProbs]:
     """Probabilities of every member on each of ``splits``, from the cache where possible.
 
@@ -125,6 +127,8 @@ def member_probabilities(
         cache_dir: the probability cache (``<experiment>/ensemble/cache``).
         data_cache_dir: the decode cache of images (``covid_ray.data.cache``'s default
             when None: the one the search's trials used).
+        progress: one bar on stderr over members x splits, counted in images (cached
+            ones count at once); see :mod:`covid_ray.progress`.
 
     Raises:
         ValueError: a split is empty, or the manifest has labels outside the classes.
@@ -145,6 +149,8 @@ def member_probabilities(
     root = find_dataset_root(experiment.data)
     loaded: dict[int, SplitData] = {}  # one decode-cache store per working resolution
     out: dict[str, list[np.ndarray]] = {s: [] for s in splits}
+    total = len(members) * sum(len(f) for f in frames.values())
+    bar = progress_bar(total, "member predictions", unit="img", enabled=progress)
     for member in members:
         perm = class_permutation(member.classes, classes)
         for split in splits:
@@ -163,6 +169,8 @@ def member_probabilities(
             else:
                 logger.info("trial %s: %s probabilities from %s", member.trial_id, split, file.name)
             out[split].append(probs)
+            bar.update(len(probs))
+    bar.close()
     return {
         s: SplitProbs(np.stack(out[s]).astype(np.float64), labels[s], frames[s]["sha1"].tolist()) for s in splits
     }

@@ -64,7 +64,9 @@ def head_nodes(path: str | Path) -> list[str]:
 
     In the ensemble graph that is the head: member softmaxes, weighted mean, log and
     temperature. (A member with a softmax inside, e.g. attention, would keep the rest
-    of its layers in fp32 too: slower, never wrong.)
+    of its layers in fp32 too: slower, never wrong.) Also every node only the
+    ``ood_score`` output needs (:mod:`ensemble.graph`'s OOD head): quantized, its
+    distances clipped to one value for every image (measured: AUROC 1.0 -> 0.77).
     """
     graph = onnx.load(str(path), load_external_data=False).graph
     consumers: dict[str, list] = {}
@@ -80,7 +82,24 @@ def head_nodes(path: str | Path) -> list[str]:
         head.add(node.name)
         for name in node.output:
             frontier.extend(consumers.get(name, []))
+    outputs = [o.name for o in graph.output]
+    if "ood_score" in outputs:
+        needed = [_ancestors(graph, o) for o in outputs]
+        head |= needed[outputs.index("ood_score")] - set().union(*(n for o, n in zip(outputs, needed) if o != "ood_score"))
     return sorted(head)
+
+
+def _ancestors(graph, output: str) -> set[str]:
+    """Names of the nodes ``output`` depends on."""
+    producer = {name: node for node in graph.node for name in node.output}
+    seen: set[str] = set()
+    stack = [output]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is not None and node.name not in seen:
+            seen.add(node.name)
+            stack.extend(node.input)
+    return seen
 
 
 class ImageReader(CalibrationDataReader):

@@ -42,7 +42,7 @@ def _dataset_section(m: dict) -> list[str]:
         f"- Split manifest: `{m['split']}`; validation {m['val_images']} images, test {m['test_images']} images ({counts})",
         f"- Members chosen by `best_{m['metric']}` from `trials.csv`: top {m['top']} asked, {len(m['members'])} used; "
         f"method `{m['method']}`",
-        "- Weights, greedy selection and the temperature were fitted on the validation split only; "
+        "- Weights, greedy selection, the validation guard and the temperature were fitted on the validation split only; "
         "the test split is used for the evaluation below and nothing else.",
     ]
     lines += [f"- Note: {n}" for n in m.get("notes", [])]
@@ -79,19 +79,88 @@ def _comparison_section(m: dict) -> list[str]:
         rows.append([r["model"], str(r["trial_id"]), _f(r["weight"], 3), _f(r[f"best_{m['metric']}"]),
                      _f(r["accuracy"]), _f(r["macro_f1"]), _f(r["balanced_accuracy"]), _f(r["roc_auc_macro"]),
                      _f(r["ece"]), _f(r["nll"])] + ([_f(r["covid_sensitivity"])] if covid else []))
-    ci_header = ["model", "trial", "accuracy", "macro-F1"] + ([f"{covid} sensitivity"] if covid else [])
-    sens_key = f"sensitivity/{covid}"
-    ci_rows = [
-        [name, trial, _ci(c.get("accuracy")), _ci(c.get("macro_f1"))] + ([_ci(c.get(sens_key))] if covid else [])
-        for name, trial, c in [("**ensemble**", "", e["ci95"])]
-        + [(r["model"], str(r["trial_id"]), r["ci95"]) for r in m["members"]]
-    ]
     return [
         *_table(header, rows),
         "",
-        f"95% percentile-bootstrap confidence intervals on the test split ({m['n_boot']} resamples):",
+        *_ci_tables(m),
+    ]
+
+
+def _ci_rows(m: dict) -> list[tuple[str, str, dict]]:
+    """(model, trial, ci95) of the ensemble and every member, in table order."""
+    return ([("**ensemble**", "", m["ensemble"]["ci95"])]
+            + [(r["model"], str(r["trial_id"]), r["ci95"]) for r in m["members"]])
+
+
+def _ci_tables(m: dict) -> list[str]:
+    classes = m["classes"]
+    boot = m.get("bootstrap", {})
+    unit = (f"resampling the {boot.get('groups')} duplicate groups of the split manifest (near-duplicates move "
+            "together)" if boot.get("unit") == "duplicate group"
+            else f"resampling single images: {boot['note']}" if boot.get("note") else "resampling single images")
+    rows = [[name, trial, _ci(c.get("accuracy")), _ci(c.get("macro_f1"))]
+            + [_ci(c.get(f"sensitivity/{k}")) for k in classes] for name, trial, c in _ci_rows(m)]
+    spec_rows = [[name, trial] + [_ci(c.get(f"specificity/{k}")) for k in classes] for name, trial, c in _ci_rows(m)]
+    return [
+        f"95% percentile-bootstrap confidence intervals on the test split ({m['n_boot']} resamples, {unit}; "
+        "the same resamples for every model):",
         "",
-        *_table(ci_header, ci_rows),
+        *_table(["model", "trial", "accuracy", "macro-F1"] + [f"{k} sensitivity" for k in classes], rows),
+        "",
+        *_table(["model", "trial"] + [f"{k} specificity" for k in classes], spec_rows),
+        "",
+    ]
+
+
+def _combination_lines(m: dict) -> list[str]:
+    c = m.get("combination")
+    if not c:
+        return []
+    rule = ("Default rule (`guarded`): greedy selection with replacement on validation NLL, then a guard on the "
+            f"experiment's metric: if the greedy ensemble's validation {c['metric']} is worse than the best single "
+            "member's (from the same validation probabilities), that member is used alone."
+            if c["method"] == "guarded" else f"Method `{c['method']}` (no guard).")
+    best = c["best_member"]
+    chose = "the ensemble" if c["choice"] == "ensemble" else f"the best member alone (trial {best['trial_id']})"
+    return [
+        f"- Combination: {rule} Validation {c['metric']}: ensemble {_f(c['ensemble_val'])}, best member "
+        f"(trial {best['trial_id']}) {_f(best['val'])}; used **{chose}**.",
+    ]
+
+
+def _reference_section(m: dict) -> list[str]:
+    """Ensemble vs its best member and vs the hand-recipe trial, on test."""
+    lines = _combination_lines(m)
+    if m.get("vs_best_member"):
+        lines.append(f"- {m['vs_best_member']['summary']}")
+    r = m.get("recipe") or {"present": False, "note": "not computed"}
+    if not r.get("present"):
+        return lines + ["", f"**Hand recipe: not compared.** {r.get('note', '')}", ""]
+    classes = m["classes"]
+    top = m["members"][0]
+    models = [("**ensemble**", "", m["ensemble"]),
+              (f"best single trial ({top['model']})", str(top["trial_id"]), top),
+              (f"hand recipe ({r['model']})", str(r["trial_id"]), r)]
+
+    def cell(x: dict, key: str, ci_key: str) -> str:
+        return f"{_f(x.get(key))} {_ci(x.get('ci95', {}).get(ci_key))}"
+
+    rows = [[name, trial, cell(x, "macro_f1", "macro_f1"), cell(x, "accuracy", "accuracy")]
+            + [f"{_f(x['per_class'][k]['recall'])} {_ci(x.get('ci95', {}).get(f'sensitivity/{k}'))}" for k in classes]
+            for name, trial, x in models]
+    d = r["ensemble_minus_recipe"]
+    where = "a member of the ensemble" if r.get("in_ensemble") else "not among the ensemble's members"
+    return lines + [
+        "",
+        f"**{r['summary']}**",
+        "",
+        f"Test split, with 95% bootstrap intervals; the recipe trial is {where}:",
+        "",
+        *_table(["model", "trial", "macro-F1", "accuracy"] + [f"{k} sensitivity" for k in classes], rows),
+        "",
+        f"Ensemble minus hand recipe, test macro-F1: {_f(d['macro_f1'])} (paired 95% CI {_ci(d['ci95'])}, "
+        "same resamples for both). Verdict rule: a difference of 0 or less did not beat the recipe; a positive "
+        "one beat it only when the whole interval is above 0, otherwise there is no clear difference.",
         "",
     ]
 
@@ -180,10 +249,14 @@ def render_report(m: dict) -> str:
     title = f"# Ensemble report: {m['experiment']}" + (" (synthetic data)" if m["synthetic"] else "")
     lines = [title, ""]
     lines += _dataset_section(m) + [""]
+    lines += ["## Did the search earn its compute? (test)", ""] + _reference_section(m)
     lines += ["## Calibration", ""] + _calibration_section(m)
     lines += ["## Test split: ensemble and members", ""] + _comparison_section(m)
     lines += ["## Per-class metrics of the ensemble (test)", ""] + _per_class_section(m)
     lines += ["## Where the ensemble looks: in-lung Grad-CAM share (test)", ""] + _lung_cam_section(m) + [""]
+    from ensemble.trust_report import trust_sections  # here: it imports this module's formatters
+
+    lines += trust_sections(m)
     lines += [
         "## Figures", "",
         "![confusion matrix](confusion_matrix.png)", "",

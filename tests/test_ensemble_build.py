@@ -127,7 +127,12 @@ def test_end_to_end_on_a_tiny_search(easy_split, trained, tmp_path, capsys, capl
         assert key in m["ensemble"]
     assert set(m["ensemble"]["per_class"]) == {"COVID", "Normal"}
     assert set(m["ensemble"]["per_class"]["COVID"]) >= {"precision", "recall", "specificity", "f1", "support", "roc_auc"}
-    assert set(m["ensemble"]["ci95"]) == {"accuracy", "macro_f1", "sensitivity/COVID"}
+    assert set(m["ensemble"]["ci95"]) == {"accuracy", "macro_f1"} | {
+        f"{name}/{c}" for name in ("sensitivity", "specificity") for c in ("COVID", "Normal")}
+    assert m["bootstrap"]["unit"] == "duplicate group" and m["bootstrap"]["images"] == m["test_images"]
+    assert m["combination"]["method"] == "weighted" and m["combination"]["choice"] == "ensemble"
+    assert m["vs_best_member"]["trial_id"] == m["members"][0]["trial_id"]
+    assert m["recipe"]["present"] is False and "no `arm` column" in m["recipe"]["note"]  # an older search
     ranked = sorted(["t0", "t1", "t2"], key=lambda t: -trained[t]["best_val_macro_f1"])  # stable: ties by id
     assert [r["trial_id"] for r in m["members"]] == ranked
     assert all({"trial_id", "model", "accuracy", "macro_f1"} <= set(r) for r in m["members"])
@@ -140,6 +145,7 @@ def test_end_to_end_on_a_tiny_search(easy_split, trained, tmp_path, capsys, capl
     report = (ens / "report.md").read_text()
     assert "synthetic" in report.lower() and "SYNTHETIC DATA" in report
     assert "classification_report" in report and "t9" in report and "specificity" in report
+    assert "ran without the hand-recipe reference arm" in report and "hand recipe: not compared" in out.out
     for png in ("confusion_matrix.png", "roc.png", "reliability.png"):
         assert (ens / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -171,13 +177,16 @@ def test_end_to_end_on_a_tiny_search(easy_split, trained, tmp_path, capsys, capl
     assert accuracy == pytest.approx(m["ensemble"]["accuracy"], abs=1e-9)
 
     # Rebuilding with another K and method reads member probabilities from the cache.
-    cached = sorted(p.name for p in (ens / "cache").iterdir())
+    def member_caches() -> list[str]:  # the cache also holds other sets' probabilities (e.g. OOD)
+        return sorted(p.name for p in (ens / "cache").glob("*.npz") if p.name.split("-")[1] in ("val", "test"))
+
+    cached = member_caches()
     assert len(cached) == 6  # 3 members x (val, test)
     code = main(["--top", "2", "--results-dir", str(folder), "--method", "greedy", "--export", "none", *FAST])
     assert code == 0
     m2 = json.loads((ens / "metrics.json").read_text())
     assert m2["members_used"] == 2 and m2["method"] == "greedy"
-    assert sorted(p.name for p in (ens / "cache").iterdir()) == cached
+    assert member_caches() == cached
     assert not (ens / "ensemble_fp32.onnx").exists()  # no stale export beside a new report
 
 
@@ -186,7 +195,8 @@ def test_mixed_image_sizes_are_evaluated_but_export_is_refused(easy_split, train
     from ensemble.build import main
 
     folder = make_search(tmp_path / "mixed", easy_split, trained, ["t1", "t3"], synthetic=False)
-    args = ["--top", "2", "--results-dir", str(folder), "--export", "onnx", *FAST]
+    # soft: both members keep a weight (the default may drop one), so the graph would mix sizes.
+    args = ["--top", "2", "--results-dir", str(folder), "--export", "onnx", "--method", "soft", *FAST]
     assert main(args) == 0
     m = json.loads((folder / "ensemble" / "metrics.json").read_text())
     assert {r["image_size"] for r in m["members"]} == {40, 48}  # each member fed at its own size
@@ -266,3 +276,106 @@ def test_no_usable_trial_is_a_clear_error(easy_split, tmp_path, capsys):
 
     assert main(["--top", "3", "--experiment", "nope", "--results-root", str(tmp_path)]) == 2
     assert "experiment folder not found" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the hand-recipe arm
+
+QUICK = [*FAST, "--export", "none", "--lung-cam-images", "0"]
+
+
+def _cached_test_probs(cache: Path, checkpoint: str) -> np.ndarray:
+    """A trial's test probabilities as the build cached them (the file is keyed by model.pt's sha256)."""
+    from covid_ray.checkpoint import file_digest
+
+    digest = file_digest(Path(checkpoint) / "model.pt")[:20]
+    (file,) = cache.glob(f"{digest}-test-*.npz")
+    with np.load(file) as z:
+        return z["probs"], z["labels"]
+
+
+@pytest.mark.slow
+def test_recipe_arm_is_reported_beside_the_ensemble_from_the_saved_probabilities(easy_split, trained, untrained,
+                                                                                 tmp_path, capsys):
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from covid_ray.metrics import draw_resamples, paired_bootstrap_ci
+    from ensemble.build import main
+
+    # The search's two sampled trials are untrained; the recipe trial (trained) is recorded with a low
+    # validation score, so it is not among the top 2 and must be evaluated on its own.
+    trials = {"u0": {**untrained["u0"], "arm": "warm_start"}, "u1": {**untrained["u1"], "arm": "search"},
+              "t1": {**trained["t1"], "best_val_macro_f1": 0.1, "arm": "recipe"}}
+    folder = make_search(tmp_path / "recipe", easy_split, trials, ["u0", "u1", "t1"])
+    assert main(["--top", "2", "--results-dir", str(folder), *QUICK]) == 0
+    out = capsys.readouterr().out
+    ens = folder / "ensemble"
+    m = json.loads((ens / "metrics.json").read_text())
+    r = m["recipe"]
+    assert r["present"] is True and r["arm"] == "recipe" and r["trial_id"] == "t1"
+    assert r["model"] == "mobilenet_v3_small" and r["in_ensemble"] is False and r["weight"] == 0.0
+    assert [x["trial_id"] for x in m["members"]] == ["u0", "u1"]
+    assert {"macro_f1", "accuracy", "sensitivity/COVID", "sensitivity/Normal"} <= set(r["ci95"])
+
+    # Recomputed from the probability cache with scikit-learn: the recipe and the ensemble on test.
+    recipe, labels = _cached_test_probs(ens / "cache", trials["t1"]["checkpoint"])
+    assert r["macro_f1"] == pytest.approx(f1_score(labels, recipe.argmax(1), average="macro"), abs=1e-12)
+    assert r["accuracy"] == pytest.approx(accuracy_score(labels, recipe.argmax(1)), abs=1e-12)
+    assert r["per_class"]["COVID"]["recall"] == pytest.approx(((recipe.argmax(1) == 0) & (labels == 0)).sum()
+                                                              / (labels == 0).sum())
+    members = np.stack([_cached_test_probs(ens / "cache", untrained[t]["checkpoint"])[0] for t in ("u0", "u1")])
+    weights = np.array([m["weights"]["u0"], m["weights"]["u1"]])
+    ensemble = np.tensordot(weights, members, axes=1)  # the temperature does not move the argmax
+    assert m["ensemble"]["macro_f1"] == pytest.approx(f1_score(labels, ensemble.argmax(1), average="macro"), abs=1e-12)
+    d = r["ensemble_minus_recipe"]
+    assert d["macro_f1"] == pytest.approx(m["ensemble"]["macro_f1"] - r["macro_f1"], abs=1e-12)
+    test_rows = read_manifest(folder / "split.csv").query("split == 'test'")
+    resamples = draw_resamples(len(labels), test_rows["group"].astype(str).to_numpy(), n_boot=100, seed=0)
+    _, low, high = paired_bootstrap_ci(labels, ensemble / ensemble.sum(1, keepdims=True), recipe, resamples)
+    assert d["ci95"] == pytest.approx([low, high], abs=1e-12)
+
+    # Untrained members against a trained recipe: the search did not beat it, and every output says so.
+    assert d["macro_f1"] < 0 and r["verdict"] == "did not beat"
+    report = (ens / "report.md").read_text()
+    assert "The search did not beat the hand recipe (synthetic data)" in report
+    assert report.index("did not beat the hand recipe") < report.index("## Calibration")  # near the top
+    assert f"{d['macro_f1']:.4f}" in report and "hand recipe (mobilenet_v3_small)" in report
+    assert "best single trial" in report and "did not beat the hand recipe" in out
+
+
+@pytest.mark.slow
+def test_recipe_ranked_first_is_a_member_and_was_not_beaten(easy_split, untrained, tmp_path, capsys):
+    from ensemble.build import main
+
+    trials = {"u0": {**untrained["u0"], "arm": "recipe"}, "u1": {**untrained["u1"], "arm": "search"}}
+    folder = make_search(tmp_path / "first", easy_split, trials, ["u0", "u1"])
+    assert main(["--top", "1", "--results-dir", str(folder), *QUICK]) == 0
+    m = json.loads((folder / "ensemble" / "metrics.json").read_text())
+    r = m["recipe"]
+    assert r["present"] and r["in_ensemble"] and r["weight"] == 1.0
+    assert r["ensemble_minus_recipe"] == {"macro_f1": 0.0, "ci95": [0.0, 0.0]}  # the same model: paired, exactly 0
+    assert r["verdict"] == "did not beat" and r["macro_f1"] == m["members"][0]["macro_f1"]
+    assert m["method"] == "guarded" and m["combination"]["choice"] == "ensemble"  # one member: nothing to guard
+    assert "is its best member alone" in m["vs_best_member"]["summary"]
+    assert "did not beat the hand recipe" in (folder / "ensemble" / "report.md").read_text()
+    assert "did not beat the hand recipe" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_missing_or_unusable_recipe_is_reported_and_the_build_goes_on(easy_split, untrained, tmp_path):
+    from ensemble.build import main
+
+    gone = {"trial_id": "r0", "status": "TERMINATED", "config/model": "seed_cnn", "best_val_macro_f1": 0.2,
+            "best_epoch": 1, "checkpoint": str(tmp_path / "gone"), "error": "", "arm": "recipe"}
+    trials = {t: {**untrained[t], "arm": "search"} for t in ("u0", "u1")}
+    folder = make_search(tmp_path / "gone", easy_split, trials, ["u0", "u1"], extra_rows=[gone])
+    assert main(["--top", "1", "--results-dir", str(folder), *QUICK]) == 0
+    r = json.loads((folder / "ensemble" / "metrics.json").read_text())["recipe"]
+    assert r["present"] is False and r["trial_id"] == "r0" and "could not be evaluated" in r["note"]
+    assert str(tmp_path / "gone") in r["note"]
+    assert "Hand recipe: not compared" in (folder / "ensemble" / "report.md").read_text()
+
+    folder = make_search(tmp_path / "none", easy_split, trials, ["u0", "u1"])  # an arm column, but no recipe row
+    assert main(["--top", "1", "--results-dir", str(folder), *QUICK]) == 0
+    r = json.loads((folder / "ensemble" / "metrics.json").read_text())["recipe"]
+    assert r == {"present": False, "note": "no trial of this search has arm = recipe: it ran without the "
+                                           "hand-recipe reference arm"}

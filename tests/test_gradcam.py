@@ -190,7 +190,8 @@ def test_ensemble_build_reports_the_mean_in_lung_share(easy_split, tmp_path):
         trials[name] = {"config/model": name, "config/image_size": 40, "best_val_macro_f1": 0.5 - i / 10,
                         "checkpoint": str(tmp_path / name)}
     folder = make_search(tmp_path / "search", easy_split, trials, list(trials))
-    result = build_ensemble(folder, BuildOptions(top=2, export="none", n_boot=10, lung_cam_images=6))
+    # soft: both members keep a weight (the default may drop one), so both get a per-member share.
+    result = build_ensemble(folder, BuildOptions(top=2, method="soft", export="none", n_boot=10, lung_cam_images=6))
     lung = result.metrics["lung_cam"]
     n_test = int((read_manifest(easy_split[1])["split"] == "test").sum())
     assert lung["images"] == 6 and lung["available"] == n_test

@@ -6,12 +6,26 @@ import warnings
 
 import numpy as np
 import pytest
-from sklearn.metrics import balanced_accuracy_score, f1_score, log_loss, roc_auc_score
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    log_loss,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
 
 from covid_ray.metrics import (
     accuracy,
     bootstrap_ci,
+    bootstrap_cis,
     compute_metrics,
+    confusion_metrics,
+    draw_resamples,
+    paired_bootstrap_ci,
+    percentile_interval,
+    resampled_confusions,
     expected_calibration_error,
     macro_f1,
     nll,
@@ -186,3 +200,101 @@ def test_bad_inputs_raise_clear_errors(y_true, y_prob, match):
 def test_class_name_count_must_match_columns():
     with pytest.raises(ValueError, match="3 columns but there are 2 class names"):
         compute_metrics(Y_TRUE, Y_PROB, ["a", "b"])
+
+
+# --------------------------------------------------------------------------- group bootstrap
+
+
+def _noisy(seed: int, n: int, k: int, *, skill: float = 1.5, rare: int | None = None):
+    """Labels (class ``k - 1`` only ``rare`` times when given) and probabilities of a noisy model."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k - 1 if rare is not None else k, n)
+    if rare is not None:
+        y[rng.choice(n, rare, replace=False)] = k - 1
+    return y, softmax(rng.normal(size=(n, k)) + skill * np.eye(k)[y])
+
+
+def _sklearn_stats(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> dict:
+    """The reference: scikit-learn on one resample (NaN where a class is absent)."""
+    labels = np.arange(k)
+    _, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=np.nan)
+    cm = confusion_matrix(y_true, y_pred, labels=labels)
+    return {"accuracy": accuracy_score(y_true, y_pred), "macro_f1": np.nanmean(f1), "recall": recall,
+            "specificity": specificity_per_class(cm)}
+
+
+def test_vectorized_bootstrap_equals_sklearn_on_every_resample_for_the_same_draws():
+    k = 4
+    y, p = _noisy(3, 90, k, rare=3)  # a rare class: many resamples lack it (NaN sensitivity)
+    groups = np.random.default_rng(0).integers(0, 40, size=len(y))  # groups of uneven size
+    resamples = draw_resamples(len(y), groups, n_boot=200, seed=5)
+    assert resamples.by_group and resamples.num_groups == len(np.unique(groups))
+    fast = confusion_metrics(resampled_confusions(y, p, resamples))
+    rows = np.arange(len(y))
+    ref = {key: [] for key in ("accuracy", "macro_f1", "recall", "specificity")}
+    for b in range(resamples.n_boot):
+        idx = np.repeat(rows, resamples.image_counts(b))  # every image of each drawn group, as often as drawn
+        for key, value in _sklearn_stats(y[idx], p[idx].argmax(axis=1), k).items():
+            ref[key].append(value)
+    for key, values in ref.items():
+        np.testing.assert_allclose(fast[key], np.array(values), rtol=1e-12, equal_nan=True)
+    assert np.isnan(fast["recall"][:, k - 1]).any()  # the NaN rule was exercised
+
+    cis = bootstrap_cis(y, p, ["a", "b", "c", "d"], resamples)
+    assert set(cis) == {"accuracy", "macro_f1"} | {f"{m}/{c}" for m in ("sensitivity", "specificity") for c in "abcd"}
+    assert cis["macro_f1"] == pytest.approx(percentile_interval(np.array(ref["macro_f1"])), abs=1e-12)
+    assert cis["sensitivity/d"] == pytest.approx(percentile_interval(np.array(ref["recall"])[:, 3]), abs=1e-12)
+    # The slow, general path draws the same resamples: same interval with a scikit-learn metric.
+    slow = bootstrap_ci(y, p, lambda t, q: f1_score(t, q.argmax(1), average="macro", labels=np.arange(k),
+                                                    zero_division=np.nan), n_boot=200, seed=5, groups=groups)
+    assert slow == pytest.approx(cis["macro_f1"], abs=1e-12)
+
+
+def test_duplicates_inside_a_group_do_not_narrow_the_interval():
+    y, p = _noisy(1, 120, 3, skill=1.0)
+    copies = 4
+    y_dup, p_dup = np.repeat(y, copies), np.repeat(p, copies, axis=0)
+    names = ["a", "b", "c"]
+    once = bootstrap_cis(y, p, names, draw_resamples(len(y), np.arange(len(y)), n_boot=500))
+    # Every image four times, the copies one duplicate group: the very same intervals.
+    by_group = bootstrap_cis(y_dup, p_dup, names, draw_resamples(len(y_dup), np.repeat(np.arange(len(y)), copies),
+                                                                  n_boot=500))
+    for key, pair in once.items():
+        assert by_group[key] == pytest.approx(pair, abs=1e-12), key
+    # Resampling the copies one by one would halve the width (1 / sqrt(4)): the error grouping avoids.
+    per_image = bootstrap_cis(y_dup, p_dup, names, draw_resamples(len(y_dup), None, n_boot=500))
+    width = lambda pair: pair[1] - pair[0]  # noqa: E731
+    for key in ("accuracy", "macro_f1"):
+        assert width(per_image[key]) < 0.7 * width(once[key]), key
+    assert width(once["accuracy"]) > 0.05  # 120 images: a real interval, not a degenerate one
+
+
+def test_paired_interval_of_a_model_against_itself_is_zero_and_matches_sklearn_otherwise():
+    y, p = _noisy(2, 150, 3)
+    _, q = _noisy(2, 150, 3, skill=0.7)  # same labels (same seed), a weaker model
+    resamples = draw_resamples(len(y), np.arange(len(y)) // 3, n_boot=300, seed=1)
+    assert paired_bootstrap_ci(y, p, p, resamples) == (0.0, 0.0, 0.0)
+    diff, low, high = paired_bootstrap_ci(y, p, q, resamples, metric="macro_f1")
+    assert diff == pytest.approx(macro_f1(y, p) - macro_f1(y, q))
+    rows = np.arange(len(y))
+    ref = []
+    for b in range(resamples.n_boot):
+        idx = np.repeat(rows, resamples.image_counts(b))
+        ref.append(f1_score(y[idx], p[idx].argmax(1), average="macro") - f1_score(y[idx], q[idx].argmax(1), average="macro"))
+    assert (low, high) == pytest.approx(percentile_interval(np.array(ref)), abs=1e-12)
+    assert low < diff < high
+    with pytest.raises(ValueError, match="unknown metric"):
+        paired_bootstrap_ci(y, p, q, resamples, metric="roc_auc")
+
+
+def test_resamples_without_groups_are_one_group_per_image_and_bad_groups_are_refused():
+    r = draw_resamples(7, None, n_boot=11, seed=0)
+    assert not r.by_group and r.num_groups == 7 and r.counts.shape == (11, 7)
+    assert (r.counts.sum(axis=1) == 7).all()  # each resample draws as many groups as there are
+    g = draw_resamples(6, ["x", "x", "y", "z", "z", "z"], n_boot=4)
+    assert g.by_group and g.num_groups == 3 and list(g.codes) == [0, 0, 1, 2, 2, 2]
+    assert (g.image_counts(0)[:2] == g.counts[0, 0]).all()
+    with pytest.raises(ValueError, match="one group per image"):
+        draw_resamples(5, [1, 2, 3], n_boot=3)
+    with pytest.raises(ValueError, match="resamples are of 7 images"):
+        resampled_confusions(Y_TRUE, Y_PROB, r)

@@ -111,7 +111,10 @@ def test_checkpoint_cli_applies_the_recorded_preprocessing_and_reports_bad_files
     rows = _lines(capsys)
     assert [r["image"] for r in rows] == [str(f) for f in files]  # one line per image, in order
     ok, *errors = rows
-    assert set(ok) == {"image", "class", "probabilities", "model", "synthetic"}
+    assert set(ok) == {"image", "class", "probabilities", "model", "synthetic", "in_distribution", "ood_score",
+                       "ood_threshold", "ood_note"}
+    # A single checkpoint has no OOD score: it classifies as before and says so.
+    assert ok["in_distribution"] is None and ok["ood_score"] is None and "no OOD score" in ok["ood_note"]
     assert ok["synthetic"] is True and ok["model"] == str(world["seed"] / "model.pt")
     model, _ = model_from_checkpoint(world["seed"])
     with torch.no_grad():

@@ -1,7 +1,8 @@
 """Dataset CLI: ``python -m covid_ray.data {split,synth,cache} ...``.
 
 Thin argparse wrappers over :mod:`covid_ray.data.scan`, :mod:`~covid_ray.data.split`,
-:mod:`~covid_ray.data.synth` and :mod:`~covid_ray.data.cache`.
+:mod:`~covid_ray.data.synth` and :mod:`~covid_ray.data.cache`. Long steps show progress
+on stderr (``COVID_RAY_PROGRESS=0`` turns it off; see :mod:`covid_ray.progress`).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def _split(args: argparse.Namespace) -> int:
             ratios=ratios,
             near_duplicate_bits=args.near_duplicate_bits,
             workers=args.workers,
+            progress=True,
         )
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -40,7 +42,8 @@ def _synth(args: argparse.Namespace) -> int:
 
     try:
         counts = synthesize(
-            args.out, per_class=args.per_class, scale=args.scale, size=args.size, seed=args.seed, workers=args.workers
+            args.out, per_class=args.per_class, scale=args.scale, size=args.size, seed=args.seed, workers=args.workers,
+            progress=True,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -58,7 +61,8 @@ def _cache(args: argparse.Namespace) -> int:
 
     try:
         df = read_manifest(args.split)
-        store = build_cache(find_dataset_root(args.data), df, args.resize, cache_dir=args.cache_dir, workers=args.workers)
+        store = build_cache(find_dataset_root(args.data), df, args.resize, cache_dir=args.cache_dir,
+                            workers=args.workers, progress=True)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -26,6 +26,7 @@ import pandas as pd
 from filelock import FileLock
 
 from covid_ray.data.io import BadImageError, read_grayscale, resize_square
+from covid_ray.progress import map_in_chunks, progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ def build_cache(
     *,
     cache_dir: str | Path | None = None,
     workers: int | None = None,
+    progress: bool = False,
 ) -> ImageStore:
     """Return the store for ``manifest``'s images at ``resize`` x ``resize``, building it if needed.
 
@@ -102,6 +104,7 @@ def build_cache(
         resize: working resolution (the Resize before the crop: 256 for 224-px models).
         cache_dir: where stores live (see :func:`cache_root`).
         workers: decoding processes for a build (default: CPU count).
+        progress: show a build's progress on stderr (see :mod:`covid_ray.progress`).
     """
     root = Path(root)
     first = manifest.drop_duplicates("sha1").sort_values("sha1")
@@ -120,13 +123,16 @@ def build_cache(
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(sha1s), resize, resize))
         jobs = [(str(root / p), s, resize) for p, s in zip(first["path"], sha1s)]
         workers = workers or os.cpu_count() or 1
-        if workers > 1 and len(jobs) >= 256:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                for i, arr in enumerate(pool.map(_decode_resized, jobs, chunksize=64)):
-                    out[i] = arr
-        else:
-            for i, job in enumerate(jobs):
-                out[i] = _decode_resized(job)
+        with progress_bar(len(jobs), f"decode cache {resize}px", unit="img", enabled=progress) as bar:
+            if workers > 1 and len(jobs) >= 256:
+                with ProcessPoolExecutor(max_workers=workers) as pool:
+                    for start, arrays in map_in_chunks(pool, _decode_resized, jobs, 64):
+                        out[start : start + len(arrays)] = np.stack(arrays)
+                        bar.update(len(arrays))
+            else:
+                for i, job in enumerate(jobs):
+                    out[i] = _decode_resized(job)
+                    bar.update(1)
         out.flush()
         del out
         os.replace(tmp, npy)

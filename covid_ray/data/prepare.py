@@ -50,15 +50,17 @@ def split_dataset(
     ratios: tuple[float, float, float] = DEFAULT_RATIOS,
     near_duplicate_bits: int | None = None,
     workers: int | None = None,
+    progress: bool = False,
 ) -> SplitResult:
     """Scan ``data``, split it and write the manifest and ``data_report.json``.
 
     When nothing usable remains the report is still written, no manifest is, and
     ``usable`` is False with a summary saying what was looked for and where.
+    ``progress`` shows the scan's progress on stderr (see :mod:`covid_ray.progress`).
     """
     out = Path(out)
     bits = NEAR_DUPLICATE_BITS if near_duplicate_bits is None else near_duplicate_bits
-    scan = scan_dataset(data, workers=workers)
+    scan = scan_dataset(data, workers=workers, progress=progress)
     df, grouping = make_manifest(scan, seed=seed, ratios=ratios, near_duplicate_bits=bits)
     report = build_report(scan, df, grouping, seed=seed, ratios=ratios)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -84,8 +86,11 @@ def default_split_path(data: str | Path, seed: int = 42, base: str | Path = "res
     return Path(base) / "splits" / f"{root.name}-{digest}" / f"split_seed{seed}.csv"
 
 
-def ensure_split(data: str | Path, split: str | Path | None = None, *, seed: int = 42) -> Path:
-    """Return ``split`` if given (it must exist), else make or reuse the default split."""
+def ensure_split(data: str | Path, split: str | Path | None = None, *, seed: int = 42, progress: bool = False) -> Path:
+    """Return ``split`` if given (it must exist), else make or reuse the default split.
+
+    ``progress``: show the scan's progress on stderr when a split has to be made.
+    """
     if split is not None:
         split = Path(split)
         if not split.is_file():
@@ -95,7 +100,7 @@ def ensure_split(data: str | Path, split: str | Path | None = None, *, seed: int
     if path.is_file():
         logger.info("reusing split %s", path)
         return path
-    result = split_dataset(data, path, seed=seed)
+    result = split_dataset(data, path, seed=seed, progress=progress)
     logger.info("%s", result.summary)
     if not result.usable:
         raise DatasetNotFoundError(result.summary)
@@ -107,9 +112,10 @@ def is_synthetic(data: str | Path) -> bool:
 
 
 def ensure_synthetic(
-    out: str | Path = DEFAULT_SYNTHETIC_DIR, *, scale: float = DEFAULT_SYNTHETIC_SCALE, seed: int = 0
+    out: str | Path = DEFAULT_SYNTHETIC_DIR, *, scale: float = DEFAULT_SYNTHETIC_SCALE, seed: int = 0,
+    progress: bool = False,
 ) -> Path:
-    """Generate the synthetic default dataset unless it is already there."""
+    """Generate the synthetic default dataset unless it is already there (``progress``: on stderr)."""
     from covid_ray.data.synth import synthesize
 
     out = Path(out)
@@ -117,5 +123,5 @@ def ensure_synthetic(
         logger.info("generating the synthetic dataset in %s (scale %.3g of the real counts)", out, scale)
     # A no-op when the folder already holds this exact dataset; regenerated when the
     # generator version or the parameters differ.
-    synthesize(out, scale=scale, seed=seed)
+    synthesize(out, scale=scale, seed=seed, progress=progress)
     return out

@@ -19,6 +19,7 @@ import os
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import imagehash
@@ -26,6 +27,7 @@ from PIL import Image
 
 from covid_ray.data.io import BadImageError, read_grayscale
 from covid_ray.data.layout import IMAGE_SUFFIXES, KAGGLE_CLASSES, KAGGLE_DIRNAME, SYNTHETIC_MARKER
+from covid_ray.progress import Progress, map_in_chunks, progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -131,20 +133,31 @@ def _inspect_mask(root: str, rel: str) -> dict:
     return {"path": rel, "notes": decoded.notes}
 
 
-def _map(fn, root: Path, rels: list[str], workers: int) -> list[dict]:
+def _map(fn, root: Path, rels: list[str], workers: int, bar: Progress) -> list[dict]:
     if workers <= 1 or len(rels) < 64:
-        return [fn(str(root), r) for r in rels]
-    chunk = max(16, len(rels) // (workers * 8))
+        out = []
+        for r in rels:
+            out.append(fn(str(root), r))
+            bar.update(1)
+        return out
+    # At most 256 files a chunk, so the bar moves every second or so even with two
+    # workers on the full database; a chunk still amortizes its pickling over many decodes.
+    chunk = max(16, min(256, len(rels) // (workers * 8)))
+    results: list[dict] = [{}] * len(rels)
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(fn, [str(root)] * len(rels), rels, chunksize=chunk))
+        for start, part in map_in_chunks(pool, partial(fn, str(root)), rels, chunk):
+            results[start : start + len(part)] = part
+            bar.update(len(part))
+    return results
 
 
-def scan_dataset(data_dir: str | Path, *, workers: int | None = None) -> ScanResult:
+def scan_dataset(data_dir: str | Path, *, workers: int | None = None, progress: bool = False) -> ScanResult:
     """Scan a dataset folder and decode every image and mask once.
 
     Args:
         data_dir: the dataset root (class folders) or the folder holding the Kaggle dir.
         workers: decoding processes (default: the CPU count).
+        progress: show progress on stderr (see :mod:`covid_ray.progress`).
 
     Raises:
         DatasetNotFoundError: the folder does not exist or holds no class folders.
@@ -198,8 +211,9 @@ def scan_dataset(data_dir: str | Path, *, workers: int | None = None) -> ScanRes
     result.classes = order_classes(result.classes)
 
     logger.info("decoding %d images and %d masks in %s", len(image_rels), len(mask_for), root)
-    infos = _map(_inspect_image, root, [r for r, _ in image_rels], workers)
-    mask_infos = {m["path"]: m for m in _map(_inspect_mask, root, sorted(mask_for.values()), workers)}
+    with progress_bar(len(image_rels) + len(mask_for), "scan", unit="file", enabled=progress) as bar:
+        infos = _map(_inspect_image, root, [r for r, _ in image_rels], workers, bar)
+        mask_infos = {m["path"]: m for m in _map(_inspect_mask, root, sorted(mask_for.values()), workers, bar)}
 
     for (rel, label), info in zip(image_rels, infos):
         if "error" in info:

@@ -36,6 +36,7 @@ from covid_ray.data.layout import (
     KAGGLE_MASK_SIZE,
     SYNTHETIC_MARKER,
 )
+from covid_ray.progress import NoProgress, Progress, map_in_chunks, progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -525,21 +526,25 @@ def _tasks(out: Path, counts: dict[str, int], seed: int, size: int, mask_size: i
     return tasks
 
 
-def _run(tasks: list[tuple], workers: int, total: int) -> int:
-    """Run the write tasks, in this process or a pool, logging progress every ~10%."""
+def _run(tasks: list[tuple], workers: int, total: int, bar: Progress) -> int:
+    """Run the write tasks, in this process or a pool; progress on ``bar``, else logged every ~10%."""
     step = max(1, total // 10)
     if workers == 1:
-        return _count(map(_write_range, tasks), total, step)
+        return _count(map(_write_range, tasks), total, step, bar)
     # spawn, not fork: the caller may hold threads (Ray, a logging handler) that a forked
     # child would inherit in an undefined state.
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        return _count(pool.map(_write_range, tasks), total, step)
+        # Counted as each task completes (any order), so progress follows the pool.
+        done = (n for _, ns in map_in_chunks(pool, _write_range, tasks, 1) for n in ns)
+        return _count(done, total, step, bar)
 
 
-def _count(results, total: int, step: int) -> int:
+def _count(results, total: int, step: int, bar: Progress) -> int:
+    log = isinstance(bar, NoProgress)  # no bar: keep a trace of progress in the log
     done = 0
     for n in results:
-        if (done + n) // step > done // step:
+        bar.update(n)
+        if log and (done + n) // step > done // step:
             logger.info("synthetic images: %d / %d", done + n, total)
         done += n
     return done
@@ -554,6 +559,7 @@ def synthesize(
     mask_size: int = KAGGLE_MASK_SIZE,
     seed: int = 0,
     workers: int | None = None,
+    progress: bool = False,
 ) -> dict[str, int]:
     """Write a synthetic dataset in the Kaggle layout into ``out``.
 
@@ -564,6 +570,8 @@ def synthesize(
         seed: with the other arguments, fixes every PNG byte for byte.
         workers: processes rendering in parallel (default: CPU count); the output does
             not depend on it.
+        progress: show progress on stderr (see :mod:`covid_ray.progress`); without it,
+            progress is logged every ~10%.
 
     Returns:
         Images written per class, in ``KAGGLE_CLASSES`` order. Calling again with the
@@ -586,11 +594,13 @@ def synthesize(
         (out / label / "masks").mkdir(parents=True, exist_ok=True)
     total = sum(counts.values())
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
-    chunk = max(8, min(256, math.ceil(total / (4 * workers))))
+    # At most 64 images a task: the bar then moves every few seconds per worker.
+    chunk = max(8, min(64, math.ceil(total / (4 * workers))))
     tasks = _tasks(out, counts, seed, size, mask_size, chunk)
     workers = min(workers, len(tasks))
     logger.info("writing %d synthetic images to %s with %d worker(s)", total, out, workers)
-    done = _run(tasks, workers, total)
+    with progress_bar(total, "synthetic images", unit="img", enabled=progress) as bar:
+        done = _run(tasks, workers, total, bar)
     assert done == total, (done, total)
 
     for label in KAGGLE_CLASSES:
