@@ -86,7 +86,7 @@ class DataConfig:
 @dataclass(kw_only=True)
 class ModelConfig:
     model: str = "seed_cnn"
-    pretrained: str | None = None  # a local weights file, or "torchvision" for $TORCH_HOME's cache
+    pretrained: str | None = None  # "imagenet" (cache, else a bounded download), "none", or a weights file; see covid_ray.pretrained
     freeze_backbone: bool = False
     in_chans: int = 1
     bn_momentum: float | None = 0.1  # None keeps each architecture's own (see covid_ray.models)
@@ -108,6 +108,19 @@ class OptimConfig:
     metric: str = "val_macro_f1"  # maximized
     amp: str = "auto"  # auto: fp16 + GradScaler on CUDA, fp32 on CPU; bf16: bf16 autocast on CPU too
     seed: int = 0
+
+
+def flat_defaults() -> dict[str, Any]:
+    """The default of every flat training key that has one (``data`` and ``split`` have none)."""
+    out: dict[str, Any] = {}
+    for klass in (DataConfig, ModelConfig, OptimConfig):
+        for f in dataclasses.fields(klass):
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = f.default_factory()
+    out.pop("class_mult", None)  # flat form: class_mult.<class>, 1.0 when absent
+    return out
 
 
 @dataclass(kw_only=True)

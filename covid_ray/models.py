@@ -15,27 +15,27 @@ image copied to R, G and B gives the same response through the original kernel
 as through the summed one. Normalize 1-channel input with the grayscale
 equivalents of the ImageNet statistics (``normalization_for(1)``).
 
-Weights are never downloaded: ``pretrained=True`` only looks for torchvision's
-cache file under ``$TORCH_HOME/hub/checkpoints/``; a missing file gives one
-warning and a randomly initialised model.
+Pretrained weights (:mod:`covid_ray.pretrained`): ``pretrained="imagenet"`` loads
+torchvision's ImageNet weights from the torch hub cache, downloading them with a
+timeout when they are missing and a network is there; offline it warns once and the
+model starts from random weights. torchvision itself is imported only by the builders
+of its models, so a ``seed_cnn`` worker never pays for it.
 """
 from __future__ import annotations
 
 import fnmatch
 import json
 import logging
-import math
 import os
 import re
-import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision.models as tvm
 from torch import nn
+
+from covid_ray import pretrained as weights_io
 
 # The input statistics live with the presets that apply them (one definition);
 # re-exported here because a model's first conv and its normalization go together.
@@ -48,7 +48,6 @@ from covid_ray.data.transforms import (  # noqa: F401
 )
 
 logger = logging.getLogger(__name__)
-
 
 
 # --------------------------------------------------------------------------- registry
@@ -65,8 +64,12 @@ class ModelEntry:
         classifier: dotted path of the final Linear whose shape depends on
             ``num_classes``; its weights are dropped when loading a checkpoint
             made for a different number of classes.
-        weights: torchvision Weights enum member whose cache file ``pretrained=True``
-            looks for, or None when the architecture has no published weights.
+        cam_layer: dotted path of the module whose output Grad-CAM explains (the last
+            spatial feature map before pooling); "" for the root module.
+        weights: name of the torchvision Weights enum (``"ResNet18_Weights"``) whose
+            IMAGENET1K_V1 member ``pretrained="imagenet"`` loads, or None when the
+            architecture has no published weights. A name, so that building the registry
+            does not import torchvision.
         remap_keys: optional fix-up of state_dict keys from older files.
     """
 
@@ -75,7 +78,8 @@ class ModelEntry:
     first_conv: str
     head: str
     classifier: str
-    weights: Any = None
+    cam_layer: str
+    weights: str | None = None
     remap_keys: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
 
@@ -88,7 +92,8 @@ def register_model(
     first_conv: str = "features.0.0",
     head: str = "classifier",
     classifier: str | None = None,
-    weights: Any = None,
+    cam_layer: str = "features",
+    weights: str | None = None,
     remap_keys: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> Any:
     """Register a builder under its function name; usable bare or with keywords."""
@@ -103,6 +108,7 @@ def register_model(
             first_conv=first_conv,
             head=head,
             classifier=classifier or head,
+            cam_layer=cam_layer,
             weights=weights,
             remap_keys=remap_keys,
         )
@@ -124,20 +130,6 @@ def get_model_entry(name: str) -> ModelEntry:
         raise ValueError(
             f"unknown model {name!r}; known models: {', '.join(list_models())}"
         ) from None
-
-
-def pretrained_cache_path(name: str) -> Path | None:
-    """Where torchvision would cache the IMAGENET1K_V1 weights of ``name``.
-
-    Only the file name is taken from the Weights enum's ``url``; nothing is
-    downloaded. None for architectures without torchvision weights.
-    """
-    entry = get_model_entry(name)
-    if entry.weights is None:
-        return None
-    filename = os.path.basename(entry.weights.url)
-    # torch.hub.get_dir() is $TORCH_HOME/hub (default ~/.cache/torch/hub).
-    return Path(torch.hub.get_dir()) / "checkpoints" / filename
 
 
 # --------------------------------------------------------------------------- builders
@@ -184,37 +176,44 @@ class SeedCNN(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
-@register_model(first_conv="features.0.0", head="classifier", classifier="classifier.3")
+@register_model(first_conv="features.0.0", head="classifier", classifier="classifier.3", cam_layer="features.3")
 def seed_cnn(num_classes: int, in_chans: int = 1, **kwargs: Any) -> nn.Module:
     """Reference CNN (no published pretrained weights)."""
     return SeedCNN(num_classes, in_chans, **kwargs)
 
 
-# Every torchvision builder gets weights=None so torchvision never downloads;
-# pretrained weights are loaded by create_model from local disk only.
+# Every torchvision builder gets weights=None: create_model loads pretrained weights
+# itself (covid_ray.pretrained), with the input conv adapted and a bounded download.
 
 
-@register_model(first_conv="conv1", head="fc", weights=tvm.ResNet18_Weights.IMAGENET1K_V1)
+def _tv():
+    import torchvision.models as tvm  # here, not at import time: ~1.5 s that seed_cnn never needs
+
+    return tvm
+
+
+@register_model(first_conv="conv1", head="fc", cam_layer="layer4", weights="ResNet18_Weights")
 def resnet18(num_classes: int, in_chans: int = 1, **kwargs: Any) -> nn.Module:
     """torchvision ResNet-18."""
-    return _with_in_chans(tvm.resnet18(weights=None, num_classes=num_classes, **kwargs), "conv1", in_chans)
+    return _with_in_chans(_tv().resnet18(weights=None, num_classes=num_classes, **kwargs), "conv1", in_chans)
 
 
-@register_model(first_conv="conv1", head="fc", weights=tvm.ResNet50_Weights.IMAGENET1K_V1)
+@register_model(first_conv="conv1", head="fc", cam_layer="layer4", weights="ResNet50_Weights")
 def resnet50(num_classes: int, in_chans: int = 1, **kwargs: Any) -> nn.Module:
     """torchvision ResNet-50."""
-    return _with_in_chans(tvm.resnet50(weights=None, num_classes=num_classes, **kwargs), "conv1", in_chans)
+    return _with_in_chans(_tv().resnet50(weights=None, num_classes=num_classes, **kwargs), "conv1", in_chans)
 
 
 @register_model(
     first_conv="features.0.0",
     head="classifier",
     classifier="classifier.1",
-    weights=tvm.EfficientNet_B0_Weights.IMAGENET1K_V1,
+    cam_layer="features.8",
+    weights="EfficientNet_B0_Weights",
 )
 def efficientnet_b0(num_classes: int, in_chans: int = 1, **kwargs: Any) -> nn.Module:
     """torchvision EfficientNet-B0; head is Dropout -> Linear."""
-    model = tvm.efficientnet_b0(weights=None, num_classes=num_classes, **kwargs)
+    model = _tv().efficientnet_b0(weights=None, num_classes=num_classes, **kwargs)
     return _with_in_chans(model, "features.0.0", in_chans)
 
 
@@ -233,15 +232,18 @@ def _remap_densenet_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
+# DenseNet's forward applies an in-place ReLU to its features' output; Grad-CAM's hook
+# hands the network a copy, so the captured activations stay those of the layer.
 @register_model(
     first_conv="features.conv0",
     head="classifier",
-    weights=tvm.DenseNet121_Weights.IMAGENET1K_V1,
+    cam_layer="features",
+    weights="DenseNet121_Weights",
     remap_keys=_remap_densenet_keys,
 )
 def densenet121(num_classes: int, in_chans: int = 1, **kwargs: Any) -> nn.Module:
     """torchvision DenseNet-121."""
-    model = tvm.densenet121(weights=None, num_classes=num_classes, **kwargs)
+    model = _tv().densenet121(weights=None, num_classes=num_classes, **kwargs)
     return _with_in_chans(model, "features.conv0", in_chans)
 
 
@@ -249,7 +251,8 @@ def densenet121(num_classes: int, in_chans: int = 1, **kwargs: Any) -> nn.Module
     first_conv="features.0.0",
     head="classifier",
     classifier="classifier.3",
-    weights=tvm.MobileNet_V3_Small_Weights.IMAGENET1K_V1,
+    cam_layer="features.12",
+    weights="MobileNet_V3_Small_Weights",
 )
 def mobilenet_v3_small(num_classes: int, in_chans: int = 1, **kwargs: Any) -> nn.Module:
     """torchvision MobileNetV3-Small.
@@ -259,7 +262,7 @@ def mobilenet_v3_small(num_classes: int, in_chans: int = 1, **kwargs: Any) -> nn
     features/classifier split), while only the last Linear is re-initialised
     when loading ImageNet weights for another number of classes.
     """
-    model = tvm.mobilenet_v3_small(weights=None, num_classes=num_classes, **kwargs)
+    model = _tv().mobilenet_v3_small(weights=None, num_classes=num_classes, **kwargs)
     return _with_in_chans(model, "features.0.0", in_chans)
 
 
@@ -290,96 +293,6 @@ def _with_in_chans(model: nn.Module, conv_path: str, in_chans: int) -> nn.Module
     return model
 
 
-# --------------------------------------------------------------------------- pretrained
-
-
-def adapt_input_conv(in_chans: int, conv_weight: torch.Tensor) -> torch.Tensor:
-    """Adapt a first-conv kernel ``(out, c, kh, kw)`` to ``in_chans`` input channels.
-
-    As timm's ``adapt_input_conv``: to 1 channel, sum over the input channels (a
-    gray image replicated to RGB gives the same pre-activation); to another count
-    from 1 or 3 channels, repeat the channels cyclically and rescale by
-    ``c / in_chans`` so the expected activation is unchanged.
-    """
-    src = conv_weight.shape[1]
-    if src == in_chans:
-        return conv_weight
-    dtype = conv_weight.dtype
-    weight = conv_weight.float()
-    if in_chans == 1:
-        weight = weight.sum(dim=1, keepdim=True)
-    elif src in (1, 3):
-        repeat = math.ceil(in_chans / src)
-        weight = weight.repeat(1, repeat, 1, 1)[:, :in_chans] * (src / in_chans)
-    else:
-        raise ValueError(f"cannot adapt a first conv with {src} input channels to {in_chans}")
-    return weight.to(dtype)
-
-
-def _resolve_pretrained(name: str, pretrained: bool | str | os.PathLike) -> Path | None:
-    """The file to load for ``pretrained``, or None for random init."""
-    if pretrained is True or pretrained == "torchvision":
-        path = pretrained_cache_path(name)
-        if path is None:
-            warnings.warn(
-                f"model {name!r} has no torchvision pretrained weights; using random init "
-                "(pass a path to a state_dict file of this model to load one)",
-                stacklevel=3,  # point at create_model's caller
-            )
-        return path
-    if pretrained is False:
-        return None
-    return Path(pretrained)
-
-
-def load_pretrained(model: nn.Module, name: str, path: str | os.PathLike) -> None:
-    """Load a state_dict file into ``model``, a ``name`` model built by the registry.
-
-    The first-conv kernel is adapted to the model's input channels, and the
-    final classifier is dropped (left at its fresh init) when its shape differs.
-    Any other missing, unexpected or mis-shaped key raises RuntimeError.
-    """
-    entry = get_model_entry(name)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors come in several types
-        raise RuntimeError(f"cannot read pretrained weights {path}: {exc}") from exc
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise RuntimeError(f"{path} is not a state_dict (a mapping of parameter names to tensors)")
-    state = dict(state)
-    if entry.remap_keys is not None:
-        state = entry.remap_keys(state)
-
-    own = model.state_dict()
-    conv_key = f"{entry.first_conv}.weight"
-    if conv_key in state and conv_key in own:
-        before = state[conv_key].shape[1]
-        state[conv_key] = adapt_input_conv(own[conv_key].shape[1], state[conv_key])
-        if before != own[conv_key].shape[1]:
-            logger.info("adapted %s from %d to %d input channels", conv_key, before, own[conv_key].shape[1])
-
-    head_keys = {f"{entry.classifier}.weight", f"{entry.classifier}.bias"}
-    dropped = sorted(k for k in head_keys if k in state and k in own and state[k].shape != own[k].shape)
-    for key in dropped:
-        del state[key]
-
-    mismatched = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if k in own and v.shape != own[k].shape
-    ]
-    if mismatched:
-        raise RuntimeError(f"shape mismatch loading {path} into {name}: {'; '.join(mismatched)}")
-    result = model.load_state_dict(state, strict=False)
-    missing = sorted(set(result.missing_keys) - set(dropped))
-    if missing or result.unexpected_keys:
-        raise RuntimeError(
-            f"{path} does not match {name}: missing keys {missing}, "
-            f"unexpected keys {sorted(result.unexpected_keys)}"
-        )
-    logger.info("loaded pretrained %s from %s (re-initialised: %s)", name, path, dropped or "none")
-
-
 # --------------------------------------------------------------------------- create
 
 
@@ -397,10 +310,11 @@ def create_model(
     Args:
         name: registered model name (see ``list_models()``).
         num_classes: number of output logits.
-        pretrained: None/False for random init; True or ``"torchvision"`` to load
-            torchvision's IMAGENET1K_V1 cache file from ``$TORCH_HOME/hub/checkpoints``;
-            or a path to a state_dict file. A missing file warns once and leaves
-            the model randomly initialised; nothing is ever downloaded.
+        pretrained: None, False or ``"none"`` for random init; ``"imagenet"`` for
+            torchvision's ImageNet weights (cache, else a bounded download); True or
+            ``"torchvision"`` for the cache file only; or a path to a state_dict file
+            (see :mod:`covid_ray.pretrained`). Weights that cannot be had give one
+            warning and a randomly initialised model.
         in_chans: input channels; 1 for grayscale radiographs.
         freeze_backbone: leave only the head (``head_parameters``) trainable.
             BatchNorm running statistics still update in ``train()`` mode; call
@@ -434,17 +348,10 @@ def create_model(
                 module.momentum = float(bn_momentum)
         kwargs["bn_momentum"] = float(bn_momentum)
     loaded = None
-    if pretrained is not None:
-        path = _resolve_pretrained(name, pretrained)
-        if path is not None and not path.is_file():
-            warnings.warn(
-                f"pretrained weights for {name!r} not found at {path}; using random init "
-                "(weights are never downloaded: copy the file there to use them)",
-                stacklevel=2,
-            )
-        elif path is not None:
-            load_pretrained(model, name, path)
-            loaded = str(path)
+    path = weights_io.resolve(entry, pretrained, stacklevel=3)  # warnings point at our caller
+    if path is not None:
+        weights_io.load_into(model, entry, path)
+        loaded = str(path)
 
     if freeze_backbone:
         if loaded is None:
@@ -463,6 +370,12 @@ def create_model(
     }
     model.covid_ray_pretrained = loaded
     return model
+
+
+def cam_layer(model: nn.Module, name: str | None = None) -> nn.Module:
+    """The module whose output Grad-CAM explains, for a model built by :func:`create_model`."""
+    entry = get_model_entry(name or model_spec(model)["name"])
+    return model.get_submodule(entry.cam_layer)
 
 
 def model_spec(model: nn.Module) -> dict[str, Any]:

@@ -7,29 +7,32 @@ import os
 logger = logging.getLogger(__name__)
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> str | None:
     """Join the cluster at ``address``, or start Ray inside this process.
 
     The embedded Ray keeps its dashboard on 127.0.0.1 and Ray's token authentication
     on (its default for local clusters since 2.60): an exposed, unauthenticated Ray
     dashboard or jobs port runs anyone's code.
+
+    Returns:
+        The dashboard's address (``host:port``), or None when there is none.
     """
     import ray
 
     if ray.is_initialized():
-        return
+        return dashboard_address()
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # Ray Train patches print() on workers into its logger, which also echoes to the
     # console: every progress line would show twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     # The Train controller polls its workers every 2 s by default and takes one report
     # per poll: epochs shorter than that are stretched, and every run ends up to 2 s late.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # A poll is one small actor call per worker; 10 a second cost nothing measurable.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
     if address:
-        ray.init(address=address, log_to_driver=True)
-        return
+        return ray.init(address=address, log_to_driver=True).dashboard_url or None
     _warn_if_another_ray_runs()
-    ray.init(
+    context = ray.init(
         address="local",  # a new Ray here, never one left running by `ray start`
         num_cpus=num_cpus,
         num_gpus=num_gpus,
@@ -37,6 +40,16 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
         dashboard_host="127.0.0.1",
         log_to_driver=True,
     )
+    return context.dashboard_url or None
+
+
+def dashboard_address() -> str | None:
+    """The connected Ray's dashboard ``host:port`` (None when unknown)."""
+    try:
+        from ray._private.worker import get_dashboard_url  # private, hence the guard
+    except ImportError:
+        return None
+    return get_dashboard_url() or None
 
 
 def _warn_if_another_ray_runs() -> None:
@@ -82,6 +95,14 @@ def check_resources(
         problems.append(f"workers per trial must be >= 1, got {workers}")
     if cpus_per_worker <= 0:
         problems.append(f"CPUs per worker must be > 0, got {cpus_per_worker}")
+    if workers > 1 and 0 < gpus_per_worker < 0.5:
+        # Ray may then pack two ranks of one trial onto one GPU, and NCCL refuses a
+        # process group with "Duplicate GPU detected" (ray-project/ray#48012).
+        problems.append(
+            f"{workers} DDP workers x {gpus_per_worker:g} GPU each could put two ranks of one trial on the same "
+            "GPU, which NCCL refuses (\"Duplicate GPU detected\"); use at least 0.5 GPU per worker with more than "
+            "one worker, or 1 worker per trial to share a GPU between trials"
+        )
     if need_gpu > 0 and totals["GPU"] == 0:
         problems.append(f"asked for {need_gpu:g} GPUs per trial ({workers} workers x {gpus_per_worker:g}), but the cluster has no GPUs")
     elif need_gpu > totals["GPU"]:

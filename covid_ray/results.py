@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from covid_ray.searcher import RECIPE, trial_arm
+
 logger = logging.getLogger(__name__)
 
 HISTORY_COLUMNS = [
@@ -40,12 +42,39 @@ def _error_text(trial, tune_dir: Path) -> str:
     return lines[-1][:500] if lines else ""
 
 
+def trial_history_rows(exp: Path, trial_id: str) -> pd.DataFrame | None:
+    """The trial's own history, or None when it has none.
+
+    ``train/<trial>/history.jsonl`` is written by the trial's Train controller as each epoch
+    is reported. A checkpoint folder on disk whose epoch the file lacks (a kill between the
+    checkpoint's registration and the history line) adds that epoch from the checkpoint's
+    own ``metadata.json``, so a trial never loses its best checkpoint to the timing of a kill.
+    """
+    from covid_ray.train import HISTORY_FILE, read_history
+
+    run = exp / "train" / trial_id
+    rows = read_history(run / HISTORY_FILE)
+    seen = {int(r["epoch"]) for r in rows if "epoch" in r}
+    for meta_file in sorted(run.glob("checkpoint_*/metadata.json")):
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        epoch = meta.get("epoch")
+        if isinstance(epoch, int) and epoch not in seen:
+            rows.append({**(meta.get("metrics") or {}), "epoch": epoch, "checkpoint": str(meta_file.parent)})
+            seen.add(epoch)
+    return pd.DataFrame(rows).sort_values("epoch", kind="stable") if rows else None
+
+
 def _history_of(trial_id: str, df: pd.DataFrame) -> pd.DataFrame:
+    """One row per epoch (the last report of an epoch wins), with its checkpoint path or ""."""
     if df is None or df.empty or "epoch" not in df.columns:
         return pd.DataFrame(columns=HISTORY_COLUMNS)
     df = df.copy()
     df["trial_id"] = trial_id
-    df["checkpoint"] = df.get("checkpoint_path", pd.Series([""] * len(df))).fillna("").astype(str)
+    source = "checkpoint" if "checkpoint" in df.columns else "checkpoint_path"  # our history file, or Tune's results
+    df["checkpoint"] = df.get(source, pd.Series([""] * len(df), index=df.index)).fillna("").astype(str)
     for col in HISTORY_COLUMNS:
         if col not in df.columns:
             df[col] = np.nan
@@ -69,9 +98,10 @@ def collect(exp: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     rows, histories = [], []
     for trial in analysis.trials:
         full = frames.get(trial.trial_id)
-        hist = _history_of(trial.trial_id, full)
+        own = trial_history_rows(exp, trial.trial_id)
+        hist = _history_of(trial.trial_id, own if own is not None else full)
         histories.append(hist)
-        row = {"trial_id": trial.trial_id, "status": trial.status}
+        row = {"trial_id": trial.trial_id, "status": trial.status, "arm": trial_arm(trial.config)}
         for name in searched:
             row[f"config/{name}"] = trial.config.get(name)
         values = hist[metric].astype(float) if metric in hist else pd.Series(dtype=float)
@@ -85,7 +115,8 @@ def collect(exp: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
             row[f"best_{metric}"], row["best_epoch"], best_ckpt = math.nan, math.nan, ""
         row["epochs"] = int(hist["epoch"].max()) if len(hist) else 0
         last = full.iloc[-1] if full is not None and len(full) else {}
-        patience_stop = bool(last.get("early_stopped", False)) if len(hist) else False
+        last_report = own.iloc[-1] if own is not None and len(own) else last
+        patience_stop = bool(last_report.get("early_stopped", False)) if len(hist) else False
         row["early_stopped"] = patience_stop
         row["stopped_early"] = bool(
             trial.status == "TERMINATED" and max_epochs and row["epochs"] < max_epochs and not patience_stop
@@ -107,11 +138,18 @@ def leaderboard_markdown(trials: pd.DataFrame, meta: dict, top: int = 10) -> str
     tag = " (SYNTHETIC data: these numbers describe the generator, not real radiographs)" if meta.get("synthetic") else ""
     lines = [f"# Leaderboard: {meta['name']}{tag}", "", f"Dataset: `{Path(meta['data']).name}`; metric: `{metric}` ({meta['mode']}), validation split.", ""]
     shown = [c for c in trials.columns if c.startswith("config/")]
-    header = ["rank", "trial", *[c.split("/", 1)[1] for c in shown], f"best {metric}", "best epoch", "epochs", "status"]
+    header = ["rank", "trial", "arm", *[c.split("/", 1)[1] for c in shown], f"best {metric}", "best epoch", "epochs",
+              "status"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
-    for i, (_, r) in enumerate(trials.head(top).iterrows(), start=1):
-        cells = [str(i), r["trial_id"]]
+    arms = trials["arm"] if "arm" in trials.columns else pd.Series(["search"] * len(trials), index=trials.index)
+    ranked = list(enumerate(trials.iterrows(), start=1))
+    # The recipe always shows, even below the top rows: it is the reference every row is read against.
+    rows = [(i, r) for i, (_, r) in ranked[:top]]
+    rows += [(i, r) for i, (idx, r) in ranked[top:] if arms[idx] == RECIPE]
+    for i, r in rows:
+        arm = arms[r.name]
+        cells = [str(i), r["trial_id"], f"**{arm}**" if arm == RECIPE else str(arm)]
         for c in shown:
             v = r[c]
             cells.append(f"{v:.3g}" if isinstance(v, float) else str(v))
@@ -128,6 +166,21 @@ def leaderboard_markdown(trials: pd.DataFrame, meta: dict, top: int = 10) -> str
         f"{int(trials['stopped_early'].sum()) if len(trials) else 0} stopped early by ASHA, "
         f"{errored} errored; wall time {wall / 60:.1f} min.",
     ]
+    recipe = trials[arms == RECIPE]
+    if len(recipe):
+        r = recipe.iloc[0]
+        rank = int(np.flatnonzero((arms == RECIPE).to_numpy())[0]) + 1
+        best = r[f"best_{metric}"]
+        searched = trials[arms != RECIPE][f"best_{metric}"].astype(float)
+        top_value = searched.max() if meta["mode"] == "max" else searched.min()
+        verdict = ""
+        if pd.notna(best) and len(searched.dropna()):
+            gap = (top_value - best) if meta["mode"] == "max" else (best - top_value)
+            verdict = (f" The best searched trial is {gap:+.4f} {'above' if meta['mode'] == 'max' else 'below'} it"
+                       + ("." if gap > 0 else ": the search has not beaten the hand recipe on validation."))
+        lines += ["", f"Reference: the hand recipe (`search_spaces/recipe.yaml`) ran as trial `{r['trial_id']}`, "
+                      f"best {metric} {best:.4f} (rank {rank} of {len(trials)}).{verdict}"
+                  if pd.notna(best) else f"Reference: the hand recipe ran as trial `{r['trial_id']}` ({r['status']})."]
     if errored:
         lines += ["", "Errors:"]
         for _, r in trials[trials["status"] == "ERROR"].iterrows():

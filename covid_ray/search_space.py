@@ -8,7 +8,12 @@ A file looks like this (see ``search_spaces/quick.yaml``)::
     max_concurrent: 2
     resources: {workers_per_trial: 1, cpus_per_worker: 1, gpus_per_worker: 0}
     scheduler: {type: asha, max_t: 6, grace_period: 2, reduction_factor: 2}
-    searcher: {type: optuna, seed: 0, n_startup_trials: 4}
+    searcher:
+      type: optuna                # TPE; "random" samples uniformly (same study, same signals)
+      seed: 0
+      n_startup_trials: 4
+      start_with:                 # run first: configurations known to work (keys not given are sampled)
+        - {model: resnet18, lr: 1.0e-3}
     fixed: {image_size: 64, epochs: 6}
     space:
       model: {choice: [seed_cnn, resnet18, mobilenet_v3_small]}
@@ -16,7 +21,14 @@ A file looks like this (see ``search_spaces/quick.yaml``)::
 
 Each parameter under ``space`` has exactly one distribution. Every key is checked:
 an unknown one is an error naming the file and the key, so a typo never runs a
-search with a silent default.
+search with a silent default; each ``start_with`` point must lie inside the space; and
+the trial configurations the search will build (``fixed`` with one sample of the space,
+each ``start_with`` point, the recipe) are validated by :func:`check_trial_configs` before
+any trial starts, so a bad value fails once, up front, instead of inside every trial.
+
+A file with an empty ``space`` and ``num_samples: 1`` is a one-configuration run
+(``search_spaces/recipe.yaml``, the tutorial's hand recipe); :func:`reference_config` turns
+it into the reference trial that every search runs beside its sampled ones.
 """
 from __future__ import annotations
 
@@ -39,10 +51,13 @@ DISTRIBUTIONS = {
 }
 TOP_LEVEL = {"description", "metric", "mode", "num_samples", "max_concurrent", "resources", "scheduler", "searcher", "fixed", "space"}
 SCHEDULER_KEYS = {"type", "max_t", "grace_period", "reduction_factor"}
-SEARCHER_KEYS = {"type", "seed", "n_startup_trials"}
+SEARCHER_KEYS = {"type", "seed", "n_startup_trials", "start_with"}
 RESOURCE_KEYS = {"workers_per_trial", "cpus_per_worker", "gpus_per_worker", "max_failures"}
 # Set by the search itself, never by a search space.
 RESERVED = {"data", "split", "cache_dir"}
+# What a search profile imposes on its reference (recipe) trial: the image size and the
+# epoch budget of the profile, so the recipe is compared at the same resolution and budget.
+PROFILE_KEYS = ("image_size", "epochs")
 
 
 class SearchSpaceError(ValueError):
@@ -132,6 +147,33 @@ def _check_distribution(file: str, name: str, spec: Any) -> None:
         raise SearchSpaceError(bad)
 
 
+def _inside(kind: str, args: list, value: Any) -> bool:
+    """Whether ``value`` can be drawn from the distribution ``{kind: args}``."""
+    if kind == "choice":
+        return value in args
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    if kind == "randint":
+        return isinstance(value, int) and args[0] <= value < args[1]
+    return args[0] <= value <= args[1]
+
+
+def _check_start_with(file: str, ss: SearchSpace) -> None:
+    """Each ``searcher.start_with`` point names searched parameters only, with values inside their ranges."""
+    points = ss.searcher.get("start_with", []) or []
+    if not isinstance(points, list) or not all(isinstance(p, dict) and p for p in points):
+        raise SearchSpaceError(f"{file}: searcher.start_with must be a list of non-empty mappings, got {points!r}")
+    for i, point in enumerate(points):
+        for name, value in point.items():
+            where = f"searcher.start_with[{i}].{name}"
+            if name not in ss.space:
+                raise SearchSpaceError(f"{file}: {where} is not a searched parameter; searched: {sorted(ss.space)}")
+            (kind, args), = ss.space[name].items()
+            if not _inside(kind, args, value):
+                raise SearchSpaceError(f"{file}: {where} = {value!r} lies outside space.{name} ({kind}: {args})")
+    ss.searcher["start_with"] = [dict(p) for p in points]
+
+
 def _check_keys(file: str, where: str, given: dict, allowed: set[str]) -> None:
     if not isinstance(given, dict):
         raise SearchSpaceError(f"{file}: {where} must be a mapping, got {given!r}")
@@ -171,14 +213,18 @@ def parse_search_space(raw: Any, file: str = "<search space>") -> SearchSpace:
         _check_param(file, "fixed", name)
     space = raw.get("space", {}) or {}
     _check_keys(file, "space", space, set(space))
-    if not space:
-        raise SearchSpaceError(f"{file}: 'space' must name at least one parameter to search")
+    if not space and ss.num_samples != 1:
+        raise SearchSpaceError(
+            f"{file}: 'space' must name at least one parameter to search (an empty space is a "
+            f"one-configuration run: num_samples 1), got num_samples {ss.num_samples}"
+        )
     for name, spec in space.items():
         _check_param(file, "space", name)
         _check_distribution(file, name, spec)
         if name in fixed:
             raise SearchSpaceError(f"{file}: {name} is both fixed and searched")
     ss.fixed, ss.space = dict(fixed), dict(space)
+    _check_start_with(file, ss)
     ss.scheduler.setdefault("max_t", ss.max_epochs)
     if ss.scheduler["max_t"] > ss.max_epochs:
         raise SearchSpaceError(
@@ -207,3 +253,74 @@ def load_search_space(path: str | Path) -> SearchSpace:
 
 def dump_search_space(ss: SearchSpace, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(ss.to_dict(), sort_keys=False))
+
+
+def reference_config(recipe: SearchSpace, profile: SearchSpace) -> dict[str, Any]:
+    """The reference trial's config: the recipe's values at the profile's image size and epoch budget.
+
+    Every parameter the profile searches gets a value (the recipe's, else the training
+    default: a sampled value must not leak into the reference), so the trial's config never
+    holds an unresolved search domain.
+
+    Raises:
+        SearchSpaceError: ``recipe`` searches something (a recipe is one configuration).
+    """
+    from covid_ray.config import flat_defaults
+
+    if recipe.space or recipe.num_samples != 1:
+        raise SearchSpaceError(f"{recipe.path}: a recipe is one configuration: an empty space and num_samples 1")
+    defaults = flat_defaults()
+    out = {name: recipe.fixed.get(name, defaults.get(name, 1.0 if name.startswith(CLASS_MULT_PREFIX) else None))
+           for name in profile.space}
+    out.update(recipe.fixed)
+    out.update({k: profile.fixed[k] for k in PROFILE_KEYS if k in profile.fixed})
+    return out
+
+
+def sample_point(ss: SearchSpace, seed: int = 0) -> dict[str, Any]:
+    """One random point of the space (what a trial could be given)."""
+    import random
+
+    rng = random.Random(seed)
+    out: dict[str, Any] = {}
+    for name, spec in ss.space.items():
+        (kind, args), = spec.items()
+        if kind == "choice":
+            out[name] = rng.choice(list(args))
+        elif kind == "randint":
+            out[name] = rng.randrange(args[0], args[1])
+        elif kind in ("loguniform", "qloguniform"):
+            import math
+
+            out[name] = math.exp(rng.uniform(math.log(args[0]), math.log(args[1])))
+        else:
+            out[name] = rng.uniform(args[0], args[1])
+        if kind.startswith("q"):
+            out[name] = round(out[name] / args[2]) * args[2]
+    return out
+
+
+def check_trial_configs(ss: SearchSpace, reference: dict[str, Any] | None = None) -> None:
+    """Build the trial configs the search will build, once, before any trial starts.
+
+    ``fixed`` with one sample of the space, with each ``start_with`` point, and the reference
+    (recipe) config all go through ``TrialConfig.from_flat``, which checks names, types and
+    ranges.
+
+    Raises:
+        SearchSpaceError: names the file, which config failed, and why.
+    """
+    from covid_ray.config import TrialConfig
+
+    placeholders = {"data": ".", "split": "split.csv"}
+    candidates = [("fixed + a sample of the space", {**ss.fixed, **sample_point(ss)})]
+    candidates += [(f"searcher.start_with[{i}]", {**ss.fixed, **sample_point(ss, i + 1), **p})
+                   for i, p in enumerate(ss.searcher.get("start_with", []) or [])]
+    if reference is not None:
+        candidates.append(("the recipe (reference trial)", dict(reference)))
+    for what, flat in candidates:
+        try:
+            TrialConfig.from_flat({**flat, **placeholders})
+        except ValueError as exc:
+            raise SearchSpaceError(f"{ss.path}: {what}: {exc}") from None
+

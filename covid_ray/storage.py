@@ -38,7 +38,7 @@ from pathlib import Path
 import pandas as pd
 from ray.tune import Callback
 
-from covid_ray.uri import check_uri, download_files, exists, filesystem, is_uri, join, mirror_dir
+from covid_ray.uri import check_uri, download_file, download_files, exists, filesystem, is_uri, join, mirror_dir
 
 logger = logging.getLogger(__name__)
 
@@ -154,14 +154,21 @@ class ExperimentStorage:
         logger.info("uploaded %s to %s", ", ".join(sent), self.remote)
 
     def pull_tune_state(self) -> None:
-        """Download ``tune/`` (results, no checkpoints) so the tables can be built locally."""
+        """Download ``tune/`` and each trial's ``train/<trial>/history.jsonl`` (no checkpoints),
+        so the tables can be built locally."""
         if self.remote is None:
             return
         import pyarrow.fs as pafs
 
+        from covid_ray.train import HISTORY_FILE
+
         fs, path = filesystem(self.remote)
         pafs.copy_files(f"{path}/tune", str(self.local / "tune"), source_filesystem=fs,
                         destination_filesystem=pafs.LocalFileSystem())
+        runs = fs.get_file_info(pafs.FileSelector(f"{path}/train", allow_not_found=True))
+        for run in (r for r in runs if r.type == pafs.FileType.Directory):
+            download_file(join(self.remote, "train", run.base_name, HISTORY_FILE),
+                          self.local / "train" / run.base_name / HISTORY_FILE)
 
     def publish_tables(self) -> None:
         """Point the tables' checkpoint columns at the URI, then upload (no-op for a path).

@@ -44,6 +44,8 @@ from covid_ray.engine import (
 )
 from covid_ray.metrics import validation_summary
 from covid_ray.models import create_model, trainable_parameters
+from covid_ray.uri import is_file as uri_is_file
+from covid_ray.uri import is_uri, read_text, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +101,7 @@ def _quiet_report_log() -> None:
 
 def train_loop_per_worker(flat_config: dict) -> None:
     """Ray Train worker entry point; reads everything from ``flat_config``."""
+    loop_started_at = time.time()  # wall clock, for the start-up breakdown of benchmarks.tune
     import ray.train
     import ray.train.torch
 
@@ -174,7 +177,7 @@ def train_loop_per_worker(flat_config: dict) -> None:
     worker_node_ids = ",".join(sorted(set(_gather((np.array([node_id]),))[0].tolist())))
     metric = cfg.optim.metric
     for epoch in range(start_epoch, cfg.optim.epochs):
-        t0 = time.perf_counter()
+        t0, epoch_started_at = time.perf_counter(), time.time()
         _set_epoch(train_loader, epoch)
         generator = torch.Generator().manual_seed(cfg.optim.seed * 100_003 + rank * 1_009 + epoch)
         loss_sum_mean, seen = train_one_epoch(
@@ -197,6 +200,8 @@ def train_loop_per_worker(flat_config: dict) -> None:
             lr=optimizer.param_groups[0]["lr"],
             val_images=int(len(labels)),
             epoch_time_s=time.perf_counter() - t0,
+            epoch_started_at=epoch_started_at,
+            loop_started_at=loop_started_at,
             node_id=node_id,
             worker_node_ids=worker_node_ids,
             world_size=ctx.get_world_size(),
@@ -238,39 +243,64 @@ def train_loop_per_worker(flat_config: dict) -> None:
                 os._exit(1)  # a hard crash, as from an OOM kill or a lost node
 
 
+HISTORY_FILE = "history.jsonl"
+
+
 def _history_callback_class():
     from ray.train.v2.api.callback import UserCallback
 
     class HistoryCallback(UserCallback):
-        """Append every report of rank 0 to a JSON-lines file (runs in the Train controller).
+        """Record every report of rank 0 as a JSON line, with its checkpoint (runs in the Train controller).
 
-        Ray Train V2 keeps only the metrics attached to checkpoints; this keeps the rest,
-        including the epochs a restarted worker group trains again.
+        Ray Train V2 keeps only the metrics attached to checkpoints, and Tune's own result
+        files can lose the epochs reported just before its driver was killed; this file is
+        written as each report arrives, so it keeps every epoch and every checkpoint path,
+        including the epochs a restarted worker group trains again (readers keep the last
+        report of an epoch). A local path is appended to; a URI (object stores cannot
+        append) is rewritten whole, a few kB.
         """
 
-        def __init__(self, path: str):
-            self.path = path
+        def __init__(self, where: str):
+            self.where = where
+            self.lines: list[str] | None = None
 
         def after_report(self, run_context, metrics, checkpoint):
             row = dict(metrics[0])
             row["checkpoint"] = checkpoint.path if checkpoint else ""
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row, default=str) + "\n")
+            line = json.dumps(row, default=str) + "\n"
+            if not is_uri(self.where):
+                with open(self.where, "a") as f:
+                    f.write(line)
+                return
+            if self.lines is None:  # a restarted controller continues the file it finds
+                self.lines = read_text(self.where).splitlines(keepends=True) if uri_is_file(self.where) else []
+            self.lines.append(line)
+            write_text(self.where, "".join(self.lines))
 
     return HistoryCallback
 
 
-def history_callback(path: str | Path):
-    """A Ray Train callback that writes each epoch's metrics to ``path`` (JSON lines)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return _history_callback_class()(str(path))
+def history_callback(where: str | Path):
+    """A Ray Train callback that writes each epoch's metrics to ``where`` (JSON lines; a path or a URI)."""
+    if not is_uri(where):
+        Path(where).parent.mkdir(parents=True, exist_ok=True)
+    return _history_callback_class()(str(where))
 
 
-def read_history(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_history(where: str | Path) -> list[dict]:
+    """The rows of a history file (a path or a URI); [] when there is none."""
+    if is_uri(where):
+        text = read_text(str(where)) if uri_is_file(str(where)) else ""
+    else:
+        path = Path(where)
+        text = path.read_text() if path.is_file() else ""
+    rows = []
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # the last line of a file whose writer was killed mid-write
+            continue
+    return rows
 
 
 def build_trainer(
@@ -339,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd"])
     p.add_argument("--class-weights", default="none", help="none | balanced | sqrt_balanced | w1,w2,...")
-    p.add_argument("--pretrained", default=None, help="local weights file, or 'torchvision' for $TORCH_HOME's cache")
+    p.add_argument("--pretrained", default=None,
+                   help="imagenet (torchvision's weights: cache, else a download with a timeout), none, or a weights file")
     p.add_argument("--freeze-backbone", action="store_true")
     p.add_argument("--in-chans", type=int, default=1, choices=[1, 3])
     p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16"])

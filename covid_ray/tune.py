@@ -2,7 +2,10 @@
 
 Ray Tune runs trials chosen by Optuna's TPE sampler (through ``OptunaSearch``, its
 study persisted in SQLite beside the experiment) and stops weak ones early with
-ASHA. Each trial is a small Tune *function trainable* that launches one Ray Train
+ASHA; :mod:`covid_ray.searcher` makes ASHA-stopped trials reach Optuna as PRUNED with
+their per-epoch values, starts the study from ``searcher.start_with``, and runs the
+tutorial's hand recipe (``search_spaces/recipe.yaml``) as one reference trial of every
+search (``--no-recipe`` turns it off), which ASHA never stops. Each trial is a small Tune *function trainable* that launches one Ray Train
 run (:func:`covid_ray.train.build_trainer`) and forwards its per-epoch reports to
 Tune with ``TuneReportCallback`` -- Ray 2.60's replacement for passing a Trainer to
 the Tuner. The trial driver itself holds only a sliver of a CPU; the DDP workers
@@ -19,14 +22,24 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from covid_ray.search_space import SearchSpace, SearchSpaceError, dump_search_space, load_search_space
+from covid_ray.config import flat_defaults
+from covid_ray.search_space import (
+    SearchSpace,
+    SearchSpaceError,
+    check_trial_configs,
+    dump_search_space,
+    load_search_space,
+    reference_config,
+)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SEARCH_SPACE = Path("search_spaces") / "quick.yaml"
+DEFAULT_RECIPE = Path("search_spaces") / "recipe.yaml"
+SEARCH_LOG = "search.log"  # Ray's and Tune's own output, when the console is on
 # The trial driver only launches and relays; the DDP workers hold the real resources.
 # tune.with_resources rejects 0 CPUs, so it gets a sliver.
 DRIVER_CPUS = 0.05
@@ -50,9 +63,12 @@ def trial_driver(config: dict, launch: LaunchSpec) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from covid_ray.train import build_trainer
+    from covid_ray.searcher import ARM_KEY
+    from covid_ray.train import HISTORY_FILE, build_trainer, history_callback
+    from covid_ray.uri import join
 
     trial_id = ray.tune.get_context().get_trial_id()
+    config = {k: v for k, v in config.items() if k != ARM_KEY}  # the trial's label, not a training key
     trainer = build_trainer(
         config,
         num_workers=launch.workers_per_trial,
@@ -64,7 +80,9 @@ def trial_driver(config: dict, launch: LaunchSpec) -> None:
         # from its latest checkpoint in storage instead of starting over.
         name=trial_id,
         max_failures=launch.max_failures,
-        callbacks=[TuneReportCallback()],
+        # The history beside the trial's checkpoints: written as each epoch is reported, it
+        # survives a killed driver whose Tune result files lose their last epochs.
+        callbacks=[TuneReportCallback(), history_callback(join(launch.train_storage, trial_id, HISTORY_FILE))],
         worker_env=dict(launch.worker_env) or None,
     )
     trainer.fit()
@@ -91,6 +109,14 @@ class SearchOptions:
     cache_dir: str | None = None
     seed: int = 42  # the split's seed
     worker_env: dict[str, str] | None = None  # default: the COVID_RAY_FAIL_* variables of this process
+    recipe: str | None = str(DEFAULT_RECIPE)  # the reference arm's one configuration; None: no reference trial
+    callbacks: list = field(default_factory=list)  # extra Tune callbacks (benchmarks' clocks, dashboards)
+    # The CLI's console (covid_ray.console): one progress line and a line per trial event,
+    # Ray's own output in <experiment>/search.log, and Ray stopped at the end. False (the
+    # library default, and --verbose) leaves Tune's tables and Ray's output as they are.
+    console: bool = False
+    mlflow: bool = False  # log every trial to MLflow (covid_ray.dashboards)
+    time_budget_s: float | None = None  # stop the search (running trials keep their best checkpoints) after this
 
 
 def experiment_dir(storage_path: str | None, experiment: str) -> Path:
@@ -112,36 +138,105 @@ def apply_overrides(ss: SearchSpace, opts: SearchOptions) -> SearchSpace:
     return ss
 
 
-def _make_searcher(ss: SearchSpace, exp: Path, experiment: str):
-    kind = ss.searcher.get("type", "optuna")
-    seed = ss.searcher.get("seed", 0)
-    if kind == "random":
-        from ray.tune.search.basic_variant import BasicVariantGenerator
-
-        return BasicVariantGenerator(random_state=seed, max_concurrent=ss.max_concurrent)
+def _make_searcher(ss: SearchSpace, exp: Path, experiment: str, reference: dict | None):
+    """Optuna TPE (or Optuna's random sampler) with the study in ``optuna.db``; None for a one-configuration run."""
+    if not ss.space:
+        return None  # Tune's default generator runs the single fixed configuration
     import optuna
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=ss.searcher.get("n_startup_trials", 4))
-    storage = optuna.storages.RDBStorage(f"sqlite:///{exp / 'optuna.db'}")
-    searcher = OptunaSearch(
-        metric=ss.metric, mode=ss.mode, sampler=sampler, study_name=experiment, storage=storage
+    from covid_ray.searcher import CovidSearch
+
+    seed = ss.searcher.get("seed", 0)
+    if ss.searcher.get("type", "optuna") == "random":
+        sampler = optuna.samplers.RandomSampler(seed=seed)
+    else:
+        # multivariate: lr, weight decay and batch size interact; constant_liar: concurrent
+        # trials are not all drawn at the same promising point.
+        sampler = optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=ss.searcher.get("n_startup_trials", 4), multivariate=True, constant_liar=True,
+        )
+    searcher = CovidSearch(
+        metric=tune_metric(ss), mode=ss.mode, sampler=sampler, study_name=experiment,
+        storage=optuna.storages.RDBStorage(f"sqlite:///{exp / 'optuna.db'}"),
+        full_fidelity=full_fidelity(ss), start_with=ss.searcher.get("start_with", []), reference=reference,
     )
     return ConcurrencyLimiter(searcher, max_concurrent=ss.max_concurrent)
 
 
+def tune_metric(ss: SearchSpace) -> str:
+    """What Tune, ASHA and Optuna rank trials by: the best validation value so far.
+
+    Not the epoch's own value: the checkpoint a trial keeps is its best epoch, and a noisy
+    last epoch would otherwise decide a rung.
+    """
+    return f"best_{ss.metric}"
+
+
+def full_fidelity(ss: SearchSpace) -> int:
+    """Epochs of a trial that ran to the end (ASHA's max_t, else the epoch budget)."""
+    if ss.scheduler.get("type", "asha") == "asha":
+        return int(ss.scheduler["max_t"])
+    return ss.max_epochs
+
+
 def _make_scheduler(ss: SearchSpace):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
+
+    from covid_ray.searcher import ReferenceExemptASHA
 
     if ss.scheduler.get("type", "asha") == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(
+    return ReferenceExemptASHA(
         time_attr="epoch",  # not training_iteration: a restarted worker group re-reports epochs
         max_t=int(ss.scheduler["max_t"]),
         grace_period=int(ss.scheduler.get("grace_period", 1)),
         reduction_factor=float(ss.scheduler.get("reduction_factor", 2)),
     )
+
+
+def prefetch_imagenet(ss: SearchSpace) -> dict[str, str]:
+    """Fetch the ImageNet weights the search may load, once, in the driver, before any trial.
+
+    Trials then find them in the cache; offline, the one bounded attempt happens here and
+    leaves the marker that makes the trials fall back at once (see covid_ray.pretrained).
+    Returns a line per architecture.
+    """
+    from covid_ray import pretrained
+    from covid_ray.models import get_model_entry
+
+    spec = ss.space.get("pretrained", {}).get("choice", [ss.fixed.get("pretrained")])
+    if pretrained.IMAGENET not in spec:
+        return {}
+    models = ss.space.get("model", {}).get("choice", [ss.fixed.get("model", "seed_cnn")])
+    status = {}
+    for name in models:
+        path, why = pretrained.fetch_imagenet(get_model_entry(name))
+        status[name] = f"ImageNet weights in {path}" if path else why
+    return status
+
+
+def prebuild_cache(ss: SearchSpace, root: Path, split: Path, cache_dir: str | None) -> None:
+    """Decode the images at the profile's working resolution once, here, before any trial.
+
+    Otherwise the first trials would wait on each other's lock while one of them decodes
+    every image; with it built, each trial only opens the memory map.
+    """
+    if "image_size" in ss.space:
+        return  # searched: each size is decoded by the first trial that asks for it
+    from covid_ray.data.cache import build_cache
+    from covid_ray.data.split import read_manifest
+    from covid_ray.data.transforms import resize_for
+
+    size = int(ss.fixed.get("image_size", flat_defaults()["image_size"]))
+    build_cache(root, read_manifest(split), resize_for(size), cache_dir=cache_dir, progress=True)
+
+
+def load_reference(ss: SearchSpace, recipe: str | None) -> dict | None:
+    """The reference trial's config for this profile, or None (no recipe, or a one-configuration run)."""
+    if recipe is None or not ss.space:
+        return None
+    return reference_config(load_search_space(recipe), ss)
 
 
 def prepare_experiment(opts: SearchOptions) -> tuple[Path, SearchSpace, dict]:
@@ -170,6 +265,8 @@ def prepare_experiment(opts: SearchOptions) -> tuple[Path, SearchSpace, dict]:
             f"or choose another --experiment name"
         )
     ss = apply_overrides(load_search_space(opts.search_space), opts)
+    reference = load_reference(ss, opts.recipe)
+    check_trial_configs(ss, reference)  # a bad value fails here, once, not inside every trial
     if opts.data is None:
         data = ensure_synthetic(DEFAULT_SYNTHETIC_DIR)
         print(f"no --data given: using the synthetic dataset in {data} (numbers from it are synthetic)")
@@ -177,11 +274,14 @@ def prepare_experiment(opts: SearchOptions) -> tuple[Path, SearchSpace, dict]:
         data = Path(opts.data)
     root = find_dataset_root(data).resolve()
     exp.mkdir(parents=True, exist_ok=True)
-    result = split_dataset(root, exp / "split.csv", seed=opts.seed)
+    result = split_dataset(root, exp / "split.csv", seed=opts.seed, progress=True)
     print(result.summary)
     if not result.usable:
         raise FileNotFoundError(result.summary)
     dump_search_space(ss, exp / "search_space.yaml")
+    for name, line in prefetch_imagenet(ss).items():
+        print(f"{name}: {line}")
+    prebuild_cache(ss, root, exp / "split.csv", opts.cache_dir)
     meta = {
         "name": opts.experiment,
         "data": str(root),
@@ -191,6 +291,7 @@ def prepare_experiment(opts: SearchOptions) -> tuple[Path, SearchSpace, dict]:
         "mode": ss.mode,
         "classes": manifest_classes(read_manifest(exp / "split.csv")),
         "search_space_source": str(opts.search_space),
+        "recipe": None if reference is None else {"source": str(opts.recipe), "config": reference},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     meta_file.write_text(json.dumps(meta, indent=2) + "\n")
@@ -208,7 +309,43 @@ def run_search(opts: SearchOptions) -> Path:
     store = ExperimentStorage.create(opts.storage_path, opts.experiment)
     store.before_prepare(resume=opts.resume)
     exp, ss, meta = prepare_experiment(opts)
-    init_ray(opts.address)
+    extra = list(opts.callbacks)
+    if opts.mlflow:
+        from covid_ray.dashboards import mlflow_callback
+
+        extra.append(mlflow_callback(exp, meta["name"], store.train_storage, ss.metric))
+    reference = (meta.get("recipe") or {}).get("config")
+    if opts.console:
+        from covid_ray.console import SearchConsole
+
+        extra.append(SearchConsole(total=ss.num_samples + (reference is not None), metric=tune_metric(ss),
+                                   full_fidelity=full_fidelity(ss), max_epochs=ss.max_epochs,
+                                   concurrency=ss.max_concurrent))
+    from covid_ray.console import capture_output
+
+    with capture_output(exp / SEARCH_LOG, enabled=opts.console) as out:
+        _run_tuner(opts, store, exp, ss, meta, reference, extra, out)
+        if opts.console:
+            import ray
+
+            ray.shutdown()  # inside the capture: its own messages go to the log too
+    return exp
+
+
+def _run_tuner(opts, store, exp: Path, ss: SearchSpace, meta: dict, reference: dict | None, callbacks: list,
+               out) -> None:
+    from ray import tune
+
+    from covid_ray.dashboards import optuna_dashboard_command, tensorboard_command
+    from covid_ray.ray_setup import check_resources, init_ray
+    from covid_ray.results import write_tables
+    from covid_ray.storage import check_storage
+
+    dashboard = init_ray(opts.address)
+    if opts.console:
+        print(f"Ray dashboard: http://{dashboard}" if dashboard else "Ray dashboard: not running", file=out)
+        print(f"Ray's own output: {exp / SEARCH_LOG}", file=out)
+        print(f"TensorBoard: {tensorboard_command(exp)}; Optuna Dashboard: {optuna_dashboard_command(exp)}", file=out)
     check_storage(store.root, data=meta["data"])  # every node must see the experiment folder and the data
     res = ss.resources
     check_resources(
@@ -231,7 +368,7 @@ def run_search(opts: SearchOptions) -> Path:
     tune_dir = store.tune_dir
     t0 = time.time()
     if opts.resume and tune.Tuner.can_restore(tune_dir):
-        print(f"resuming the search in {store.root}")
+        print(f"resuming the search in {store.root}", file=out)
         tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_errored=False, restart_errored=False)
     else:
         fixed = {"data": meta["data"], "split": store.worker_split(exp / meta["split"]), "cache_dir": opts.cache_dir}
@@ -240,12 +377,17 @@ def run_search(opts: SearchOptions) -> Path:
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                metric=ss.metric, mode=ss.mode, num_samples=ss.num_samples,
-                search_alg=_make_searcher(ss, exp, opts.experiment), scheduler=_make_scheduler(ss),
-                trial_name_creator=trial_name, trial_dirname_creator=trial_name,
+                metric=tune_metric(ss), mode=ss.mode, num_samples=ss.num_samples + (reference is not None),
+                search_alg=_make_searcher(ss, exp, opts.experiment, reference), scheduler=_make_scheduler(ss),
+                trial_name_creator=trial_name, trial_dirname_creator=trial_name, time_budget_s=opts.time_budget_s,
+                # Not reuse_actors: a trial driver that ASHA stops is still blocked in
+                # TorchTrainer.fit(), so Tune cannot reset it within its 2 s and fails the
+                # *next* trial ("Could not re-use actor"); a new process per trial it is.
+                reuse_actors=False,
             ),
             run_config=tune.RunConfig(
-                name="tune", storage_path=store.root, callbacks=store.tune_callbacks(),
+                name="tune", storage_path=store.root, callbacks=[*store.tune_callbacks(), *callbacks],
+                verbose=0 if opts.console else None,  # the console replaces Tune's tables
                 # A trial that fails is recorded and the search goes on. Ray Train retries
                 # a lost worker; one Tune retry restarts a trial whose driver (and Train
                 # controller) died with its node -- Train resumes it from its checkpoint.
@@ -260,7 +402,6 @@ def run_search(opts: SearchOptions) -> Path:
     store.pull_tune_state()
     write_tables(exp)
     store.publish_tables()
-    return exp
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,25 +419,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted search of the same name")
     p.add_argument("--cache-dir", default=None, help="decode cache (default: $COVID_RAY_CACHE or ~/.cache/covid_ray)")
     p.add_argument("--split-seed", type=int, default=42)
+    p.add_argument("--recipe", default=str(DEFAULT_RECIPE),
+                   help="the hand recipe run as one reference trial of the search (default: search_spaces/recipe.yaml)")
+    p.add_argument("--no-recipe", action="store_true", help="run the search without the reference recipe trial")
+    p.add_argument("--mlflow", action="store_true",
+                   help="log every trial to MLflow: results/NAME/mlruns, or $MLFLOW_TRACKING_URI (needs covid-ray[mlflow])")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="Tune's full tables and Ray's own output on the console (default: a progress line and one "
+                        "line per trial event; Ray's output goes to results/NAME/search.log)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from covid_ray.tracking import MlflowUnavailableError
+
+    args = build_parser().parse_args(argv)
+    # With the console, progress bars and the console's lines say what INFO lines would.
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     # Tune's TensorBoard logger renames "val_recall/Viral Pneumonia" (a space) with an INFO line per result.
     logging.getLogger("tensorboardX.summary").setLevel(logging.WARNING)
-    args = build_parser().parse_args(argv)
     opts = SearchOptions(
         data=args.data, search_space=args.search_space, experiment=args.experiment,
         num_samples=args.num_samples, max_concurrent=args.max_concurrent,
         workers_per_trial=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker,
         gpus_per_worker=args.gpus_per_worker, address=args.address, storage_path=args.storage_path,
         resume=args.resume, cache_dir=str(Path(args.cache_dir).resolve()) if args.cache_dir else None,
-        seed=args.split_seed,
+        seed=args.split_seed, recipe=None if args.no_recipe else args.recipe,
+        console=not args.verbose, mlflow=args.mlflow,
     )
     try:
         exp = run_search(opts)
-    except (SearchSpaceError, FileExistsError, FileNotFoundError, ValueError) as exc:
+    except (SearchSpaceError, FileExistsError, FileNotFoundError, ValueError, MlflowUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

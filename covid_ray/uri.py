@@ -80,6 +80,20 @@ def open_input(uri_or_path: str | Path):
     return fs.open_input_file(path)
 
 
+def read_text(uri_or_path: str | Path) -> str:
+    """The whole text file at a URI or a path."""
+    with open_input(uri_or_path) as f:
+        return f.read().decode()
+
+
+def write_text(uri_or_path: str | Path, text: str) -> None:
+    """Write (replace) a text file at a URI or a path, creating its folder."""
+    fs, path = filesystem(uri_or_path)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
 def mirror_dir(uri: str) -> Path:
     """The local folder that mirrors ``uri`` (derived from the URI alone)."""
     root = Path(os.environ.get(MIRROR_ENV) or Path.home() / ".cache" / "covid_ray" / "mirror")

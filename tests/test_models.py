@@ -13,14 +13,14 @@ from torch import nn
 
 from covid_ray import models
 from covid_ray.models import (
-    adapt_input_conv,
     create_model,
+    get_model_entry,
     head_parameters,
     list_models,
     model_spec,
     normalization_for,
-    pretrained_cache_path,
 )
+from covid_ray.pretrained import adapt_input_conv, cache_path
 
 ALL_MODELS = list_models()
 NUM_CLASSES = 4
@@ -152,7 +152,7 @@ def test_pretrained_same_classes_keeps_head(tmp_path):
 def test_pretrained_torchvision_cache_file(tmp_path, monkeypatch, no_network):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     expected = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
-    assert pretrained_cache_path("resnet18") == expected
+    assert cache_path(get_model_entry("resnet18")) == expected
     expected.parent.mkdir(parents=True)
     state = _random_tv_resnet18(expected)
     with warnings.catch_warnings():

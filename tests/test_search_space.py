@@ -6,7 +6,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from covid_ray.search_space import SearchSpaceError, load_search_space, parse_search_space
+from covid_ray.search_space import (
+    SearchSpaceError,
+    check_trial_configs,
+    load_search_space,
+    parse_search_space,
+    reference_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = {
@@ -52,11 +58,16 @@ def test_defaults_and_param_space(tmp_path):
         ({"space": {"model": {"choice": ["resnet18", "vgg99"]}}}, "unknown model(s) ['vgg99']"),
         ({"space": {"model": {"choice": []}}}, "space.model.choice must be a non-empty list"),
         ({"space": {}}, "'space' must name at least one parameter"),
+        ({"space": {}, "num_samples": 3}, "an empty space is a one-configuration run: num_samples 1"),
         ({"scheduler": {"type": "asha", "patience": 3}}, "unknown key scheduler.patience"),
         ({"scheduler": {"type": "asha", "max_t": 10}}, "scheduler.max_t (10) exceeds fixed.epochs (4)"),
         ({"fixed": {"image_size": 64, "epochs": 4, "data": "/x"}}, "fixed.data is set by the search itself"),
         ({"mode": "maximize"}, "mode must be 'max' or 'min'"),
         ({"fixed": {"epochs": 4, "lr": 0.1}}, "lr is both fixed and searched"),
+        ({"searcher": {"start_with": [{"lr": 0.5}]}}, "searcher.start_with[0].lr = 0.5 lies outside space.lr"),
+        ({"searcher": {"start_with": [{"model": "vgg"}]}}, "searcher.start_with[0].model = 'vgg' lies outside"),
+        ({"searcher": {"start_with": [{"epochs": 3}]}}, "searcher.start_with[0].epochs is not a searched parameter"),
+        ({"searcher": {"start_with": {"lr": 1e-3}}}, "searcher.start_with must be a list of non-empty mappings"),
     ],
 )
 def test_errors_name_the_file_and_key(tmp_path, patch, message):
@@ -79,3 +90,33 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("space: [unclosed")
     with pytest.raises(SearchSpaceError, match="not valid YAML"):
         load_search_space(bad)
+
+
+def test_the_recipe_is_one_configuration_at_the_profiles_size_and_budget():
+    recipe = load_search_space(ROOT / "search_spaces" / "recipe.yaml")
+    quick = load_search_space(ROOT / "search_spaces" / "quick.yaml")
+    ref = reference_config(recipe, quick)
+    assert {k: ref[k] for k in ("model", "optimizer", "lr", "weight_decay", "batch_size", "lr_factor", "lr_patience",
+                                "early_stop_patience", "class_weights", "rotation", "hflip")} == {
+        "model": "seed_cnn", "optimizer": "adam", "lr": 1e-3, "weight_decay": 1e-5, "batch_size": 32,
+        "lr_factor": 0.1, "lr_patience": 3, "early_stop_patience": 5, "class_weights": "none",
+        "rotation": 10.0, "hflip": 0.5}
+    assert (ref["image_size"], ref["epochs"]) == (quick.fixed["image_size"], quick.max_epochs)
+    # every searched parameter has a value (no unresolved domain reaches the trial), none sampled
+    assert set(quick.space) <= set(ref)
+    assert (ref["class_mult.COVID"], ref["brightness"], ref["crop_scale_min"]) == (1.0, 0.0, 1.0)
+    check_trial_configs(quick, ref)
+    with pytest.raises(SearchSpaceError, match="a recipe is one configuration"):
+        reference_config(quick, quick)
+
+
+def test_bad_values_fail_up_front_naming_the_config(tmp_path):
+    doc = {**GOOD, "fixed": {**GOOD["fixed"], "optimizer": "adamm"}}
+    with pytest.raises(SearchSpaceError, match=r"fixed \+ a sample of the space: optimizer must be one of"):
+        check_trial_configs(load_search_space(write(tmp_path, doc)))
+    doc = {**GOOD, "fixed": {**GOOD["fixed"], "weight_decay": "1e-5"}}  # YAML reads 1e-5 as text
+    with pytest.raises(SearchSpaceError, match="weight_decay.*1.0e-3"):
+        check_trial_configs(load_search_space(write(tmp_path, doc)))
+    ss = load_search_space(write(tmp_path, GOOD))
+    with pytest.raises(SearchSpaceError, match=r"the recipe \(reference trial\): batch_size must be >= 1"):
+        check_trial_configs(ss, {"model": "seed_cnn", "batch_size": 0})

@@ -95,11 +95,51 @@ def test_driver_killed_mid_search_resumes_without_rerunning(easy_split, tmp_path
     proc = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "resuming the search" in proc.stdout
-    trials, history = check_tables(exp, 4)
+    trials, history = check_tables(exp, 5)  # 4 sampled trials and the recipe
     assert set(trials.status) == {"TERMINATED"}
+    assert sorted(trials.arm) == ["recipe", "search", "search", "search", "search"]
     # the finished trial was not run again: same checkpoints, one row per epoch
     assert sorted(p.name for p in (exp / "train" / done_id).glob("checkpoint_*")) == done_ckpts
     assert list(history[history.trial_id == done_id].epoch) == [1, 2, 3, 4]
+
+
+def test_a_trial_killed_after_its_best_checkpoint_keeps_it_and_its_history_on_resume(easy_split, tmp_path):
+    """The driver dies while a trial runs on after its best (only) checkpoint; --resume must keep both."""
+    root, _ = easy_split
+    # lr 1e-9 and frozen BatchNorm statistics: epoch 1 is the best epoch and nothing improves after it.
+    space = space_file(tmp_path, num_samples=1, scheduler={"type": "fifo"},
+                       resources={**TINY["resources"], "max_failures": 1},
+                       fixed={**TINY["fixed"], "epochs": 16, "lr": 1e-9, "bn_momentum": 0.0,
+                              "early_stop_patience": 0},
+                       space={"class_weights": {"choice": ["none"]}})
+    cmd = [sys.executable, "-m", "covid_ray.tune", "--data", str(root), "--search-space", str(space), "--no-recipe",
+           "--experiment", "flat", "--storage-path", str(tmp_path / "results"), "--cache-dir", str(tmp_path / "cache")]
+    exp = tmp_path / "results" / "flat"
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline, killed_at = time.time() + 400, None
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        checkpoints = list((exp / "train").glob("*/checkpoint_*/model.pt"))
+        histories = list((exp / "train").glob("*/history.jsonl"))
+        if checkpoints and histories and len(histories[0].read_text().splitlines()) >= 2:
+            killed_at = len(histories[0].read_text().splitlines())
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait()
+    assert killed_at is not None, (tmp_path / "first.log").read_text()[-3000:]
+    assert killed_at < 16 and not terminated_trials(exp)  # killed while the trial was still running
+
+    proc = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    trials = pd.read_csv(exp / "trials.csv", keep_default_na=False)
+    history = pd.read_csv(exp / "history.csv", keep_default_na=False)
+    (row,) = trials.to_dict("records")
+    assert row["status"] == "TERMINATED" and row["best_epoch"] == 1
+    assert row["checkpoint"] and Path(row["checkpoint"], "model.pt").is_file()
+    assert json.loads(Path(row["checkpoint"], "metadata.json").read_text())["epoch"] == 1
+    assert list(history.epoch) == list(range(1, 17))  # the early epochs survived the kill, each once
+    assert history.loc[history.epoch == 1, "checkpoint"].item() == row["checkpoint"]
 
 
 def test_search_writes_consistent_tables_and_records_a_failing_trial(easy_split, tmp_path, ray_session):
@@ -111,12 +151,17 @@ def test_search_writes_consistent_tables_and_records_a_failing_trial(easy_split,
         # The first worker to reach epoch 2 dies; with max_failures 0 its trial errors.
         worker_env={"COVID_RAY_FAIL_AT_EPOCH": "2", "COVID_RAY_FAIL_RANK": "0", "COVID_RAY_FAIL_MARKER": str(marker)},
     ))
-    trials, history = check_tables(exp, 3)
+    trials, history = check_tables(exp, 4)  # 3 sampled trials and the hand recipe
     assert marker.exists()
-    assert list(trials.status).count("ERROR") == 1 and list(trials.status).count("TERMINATED") == 2
+    assert list(trials.status).count("ERROR") == 1 and list(trials.status).count("TERMINATED") == 3
+    (recipe,) = trials[trials.arm == "recipe"].to_dict("records")
+    assert recipe["config/lr"] == 1e-3 and recipe["config/class_weights"] == "none"  # recipe.yaml's values
+    board = (exp / "leaderboard.md").read_text()
+    assert f"| {recipe['trial_id']} | **recipe** |" in board
+    assert f"Reference: the hand recipe (`search_spaces/recipe.yaml`) ran as trial `{recipe['trial_id']}`" in board
     failed = trials[trials.status == "ERROR"].iloc[0]
     assert failed.error  # the reason is recorded
-    assert "1 errored" in (exp / "leaderboard.md").read_text()
+    assert "1 errored" in board
     meta = json.loads((exp / "experiment.json").read_text())
     assert meta["classes"] == ["COVID", "Normal"] and meta["synthetic"] is False
 
