@@ -208,7 +208,7 @@ def tiny_space(trials: int, epochs: int) -> dict:
 def run_search_on(cluster: LocalCluster, data: Path, space: Path, storage: Path, name: str) -> Path:
     cmd = [sys.executable, "-m", "covid_ray.tune", "--address", cluster.address, "--data", str(data),
            "--search-space", str(space), "--experiment", name, "--storage-path", str(storage),
-           "--cache-dir", str(storage / "cache")]
+           "--cache-dir", str(storage / "cache"), "--no-recipe"]  # the same trials on both layouts
     out = subprocess.run(cmd, capture_output=True, text=True, env=cluster.env, cwd=REPO, timeout=1800)
     if out.returncode != 0:
         raise RuntimeError(out.stdout[-3000:] + out.stderr[-3000:])

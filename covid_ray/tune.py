@@ -346,7 +346,9 @@ def _run_tuner(opts, store, exp: Path, ss: SearchSpace, meta: dict, reference: d
         print(f"Ray dashboard: http://{dashboard}" if dashboard else "Ray dashboard: not running", file=out)
         print(f"Ray's own output: {exp / SEARCH_LOG}", file=out)
         print(f"TensorBoard: {tensorboard_command(exp)}; Optuna Dashboard: {optuna_dashboard_command(exp)}", file=out)
-    check_storage(store.root, data=meta["data"])  # every node must see the experiment folder and the data
+    nodes = check_storage(store.root, data=meta["data"])  # every node must see the experiment folder and the data
+    if opts.console and nodes:
+        print(f"storage {store.root}: read and write checked from all {nodes} nodes", file=out)
     res = ss.resources
     check_resources(
         workers=int(res["workers_per_trial"]), cpus_per_worker=float(res["cpus_per_worker"]),
