@@ -13,11 +13,10 @@ and 32, with the int8 parity gate's verdict. Writes a section of BENCHMARKS.md
     # synthetic data, written as a finished search under --work, then benchmark
     python -m benchmarks.ensemble --train-members
 
-The stand-in search trains each member for a few epochs with the train preset and
-keeps its best validation epoch, as a trial's checkpoint is its best epoch. After each
-epoch it re-estimates BatchNorm statistics over the training images: torchvision's
-MobileNetV3 uses BN momentum 0.01, so after a few short epochs its running statistics
-are still mostly their initial values and eval mode predicts one class.
+The stand-in search trains each member as a search trial does (the same
+:func:`covid_ray.engine.setup_run` and :func:`~covid_ray.engine.run_epoch`, with
+BatchNorm momentum 0.1) for a few epochs and keeps its best validation epoch, as a
+trial's checkpoint is its best epoch.
 """
 from __future__ import annotations
 
@@ -31,15 +30,11 @@ import torch
 
 from benchmarks.common import machine_note, markdown_table, today, write_section
 from covid_ray.checkpoint import save_checkpoint
-from covid_ray.data.datasets import load_splits, make_loader
 from covid_ray.data.prepare import DEFAULT_SYNTHETIC_DIR, ensure_synthetic, is_synthetic, split_dataset
 from covid_ray.data.scan import find_dataset_root
-from covid_ray.data.split import read_manifest
-from covid_ray.data.transforms import EvalPreset, TrainPreset, resize_for
-from covid_ray.engine import predict_logits, recalibrate_batchnorm, train_one_epoch
-from covid_ray.metrics import validation_summary
-from covid_ray.models import create_model
-from covid_ray.train import manifest_classes
+from covid_ray.data.split import manifest_classes, read_manifest
+from covid_ray.config import TrialConfig
+from covid_ray.engine import run_epoch, setup_run
 from ensemble.build import BuildOptions, build_ensemble
 from ensemble.combine import METHODS
 
@@ -59,30 +54,24 @@ MEMBERS = [
 ]
 
 
-def train_member(data, classes, name: str, seed: int, lr: float, epochs: int, *, image_size: int, out: Path) -> dict:
-    """Train one member and keep its best validation epoch; returns its trials.csv fields."""
-    torch.manual_seed(seed)
-    model = create_model(name, len(classes))
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    train_loader = make_loader(data.datasets["train"], batch_size=32, shuffle=True, seed=seed, drop_last=True)
-    bn_loader = make_loader(data.datasets["train"], batch_size=128, shuffle=False)
-    val_loader = make_loader(data.datasets["val"], batch_size=128, shuffle=False)
-    train_preset, eval_preset = TrainPreset(image_size=image_size), EvalPreset(image_size=image_size)
-    generator = torch.Generator().manual_seed(seed)
-    best, best_epoch = float("-inf"), 0
-    for epoch in range(1, epochs + 1):
-        train_one_epoch(model, train_loader, train_preset, torch.nn.CrossEntropyLoss(), optimizer,
-                        torch.device("cpu"), amp="off", generator=generator)
-        recalibrate_batchnorm(model, bn_loader, eval_preset)
-        _, logits, labels = predict_logits(model, val_loader, eval_preset, torch.device("cpu"), amp="off")
-        metrics = validation_summary(labels, logits, classes)
-        if metrics["val_macro_f1"] > best:
-            best, best_epoch = metrics["val_macro_f1"], epoch
-            save_checkpoint(out, model, classes=classes, image_size=image_size, metrics=metrics, epoch=epoch,
-                            config={"model": name, "seed": seed, "lr": lr, "image_size": image_size})
-        print(f"  {name} seed {seed} epoch {epoch}: val macro-F1 {metrics['val_macro_f1']:.4f}", flush=True)
+def train_member(data_dir: Path, split: Path, cache_dir: Path, name: str, seed: int, lr: float, epochs: int, *,
+                 image_size: int, out: Path) -> dict:
+    """Train one member as a search trial trains (:mod:`covid_ray.engine`), keeping its best
+    validation epoch's checkpoint; returns its trials.csv fields."""
+    cfg = TrialConfig.from_flat({
+        "data": str(find_dataset_root(data_dir)), "split": str(split), "cache_dir": str(cache_dir), "model": name,
+        "seed": seed, "lr": lr, "epochs": epochs, "image_size": image_size, "batch_size": 32,
+        "early_stop_patience": 0,  # every epoch: the stand-in search has no scheduler to stop it
+    })
+    run = setup_run(cfg, device=torch.device("cpu"))
+    for epoch in range(epochs):
+        step = run_epoch(run, epoch)
+        if step.improved:
+            save_checkpoint(out, run.model, classes=run.classes, image_size=image_size, metrics=step.metrics,
+                            epoch=epoch + 1, config=cfg.to_flat(), train_state=run.train_state())
+        print(f"  {name} seed {seed} epoch {epoch + 1}: val macro-F1 {step.metrics['val_macro_f1']:.4f}", flush=True)
     return {"config/model": name, "config/seed": seed, "config/lr": lr, "config/image_size": image_size,
-            "best_val_macro_f1": best, "best_epoch": best_epoch, "checkpoint": str(out.resolve())}
+            "best_val_macro_f1": run.early.best, "best_epoch": run.early.best_epoch, "checkpoint": str(out.resolve())}
 
 
 def make_search(data_dir: Path, work: Path, *, image_size: int, cache_dir: Path, members=MEMBERS) -> Path:
@@ -101,11 +90,10 @@ def make_search(data_dir: Path, work: Path, *, image_size: int, cache_dir: Path,
         split_dataset(data_dir, split)
     manifest = read_manifest(split)
     classes = manifest_classes(manifest)
-    data = load_splits(find_dataset_root(data_dir), manifest, classes, resize_for(image_size), cache_dir=cache_dir)
     rows = []
     for i, (name, seed, lr, epochs) in enumerate(members):
         t0 = time.perf_counter()
-        row = train_member(data, classes, name, seed, lr, epochs, image_size=image_size,
+        row = train_member(data_dir, split, cache_dir, name, seed, lr, epochs, image_size=image_size,
                            out=work / "trials" / f"trial_{i}" / "checkpoint")
         rows.append({"trial_id": f"trial_{i}", "status": "TERMINATED", **row, "error": "",
                      "wall_time_s": time.perf_counter() - t0})

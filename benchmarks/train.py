@@ -33,7 +33,6 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import subprocess
@@ -44,7 +43,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from benchmarks.common import (
@@ -59,22 +57,12 @@ from benchmarks.common import (
 )
 from covid_ray.checkpoint import save_checkpoint
 from covid_ray.config import TrialConfig
-from covid_ray.data.datasets import load_splits, make_loader
+from covid_ray.data.datasets import load_splits
 from covid_ray.data.layout import SYNTHETIC_MARKER
 from covid_ray.data.scan import find_dataset_root
-from covid_ray.data.split import read_manifest, write_manifest
-from covid_ray.data.transforms import EvalPreset, TrainPreset, resize_for
-from covid_ray.engine import (
-    EarlyStopping,
-    class_weight_vector,
-    cross_entropy_np,
-    dedupe_by_index,
-    predict_logits,
-    train_one_epoch,
-)
-from covid_ray.metrics import validation_summary
-from covid_ray.models import create_model, trainable_parameters
-from covid_ray.train import _build_optimizer, manifest_classes
+from covid_ray.data.split import manifest_classes, read_manifest, write_manifest
+from covid_ray.data.transforms import resize_for
+from covid_ray.engine import run_epoch, setup_run
 
 logger = logging.getLogger("benchmarks.train")
 
@@ -125,63 +113,34 @@ def pd_concat(parts):
 def plain_loop(flat: dict, ckpt_dir: Path) -> dict:
     """``train_loop_per_worker`` without Ray (world size 1), timed the same way.
 
+    The same :func:`covid_ray.engine.setup_run` and :func:`covid_ray.engine.run_epoch`
+    as the Ray loop, and the same checkpoint on improvement; what differs is only what Ray
+    adds (its worker, the report, the checkpoint upload).
+
     Returns set-up seconds, per-epoch seconds (the region Ray's ``epoch_time_s`` covers),
     per-epoch checkpoint seconds and the last metrics.
     """
     t_setup = time.perf_counter()
-    cfg = TrialConfig.from_flat(flat)
-    device = torch.device("cpu")
-    torch.manual_seed(cfg.optim.seed)
-    manifest = read_manifest(cfg.data.split)
-    classes = manifest_classes(manifest)
-    root = find_dataset_root(cfg.data.data)
-    data = load_splits(root, manifest, classes, resize_for(cfg.data.image_size), cache_dir=cfg.data.cache_dir)
-    train_set, val_set = data.datasets["train"], data.datasets["val"]
-    batch = cfg.optim.batch_size
-    train_loader = make_loader(
-        train_set, batch_size=batch, shuffle=True, num_workers=cfg.data.loader_workers,
-        seed=cfg.optim.seed, drop_last=len(train_set) > batch,
-    )
-    val_loader = make_loader(val_set, batch_size=max(batch, 64), shuffle=False, num_workers=cfg.data.loader_workers)
-    model = create_model(cfg.model.model, len(classes), pretrained=cfg.model.pretrained,
-                         in_chans=cfg.model.in_chans, freeze_backbone=cfg.model.freeze_backbone)
-    counts = np.bincount(train_set.labels.numpy(), minlength=len(classes))
-    weights = class_weight_vector(counts, cfg.optim.class_weights, classes, cfg.optim.class_mult)
-    criterion = torch.nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32))
-    optimizer = _build_optimizer(trainable_parameters(model), cfg)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="max", factor=cfg.optim.lr_factor, patience=cfg.optim.lr_patience
-    )
-    early = EarlyStopping(patience=cfg.optim.early_stop_patience)
-    train_preset = TrainPreset(image_size=cfg.data.image_size, in_chans=cfg.model.in_chans, augment=cfg.data.augment())
-    eval_preset = EvalPreset(image_size=cfg.data.image_size, in_chans=cfg.model.in_chans)
+    run = setup_run(TrialConfig.from_flat(flat), device=torch.device("cpu"))
     setup_s = time.perf_counter() - t_setup
 
     epochs, ckpts, metrics = [], [], {}
-    for epoch in range(cfg.optim.epochs):
-        t0 = time.perf_counter()
-        generator = torch.Generator().manual_seed(cfg.optim.seed * 100_003 + epoch)
-        loss, seen = train_one_epoch(model, train_loader, train_preset, criterion, optimizer, device,
-                                     amp=cfg.optim.amp, generator=generator)
-        index, logits, labels = predict_logits(model, val_loader, eval_preset, device, amp=cfg.optim.amp)
-        index, logits, labels = dedupe_by_index(index, logits, labels)
-        metrics = validation_summary(labels, logits, classes)
-        metrics["val_loss"] = cross_entropy_np(logits, labels)
-        value = metrics[cfg.optim.metric]
-        improved = early.step(value if math.isfinite(value) else float("-inf"), epoch + 1)
-        scheduler.step(value)
-        metrics.update(epoch=epoch + 1, train_loss=loss, lr=optimizer.param_groups[0]["lr"])
-        epochs.append(time.perf_counter() - t0)
+    for epoch in range(run.cfg.optim.epochs):
+        step = run_epoch(run, epoch)
+        metrics = step.metrics
+        epochs.append(metrics["epoch_time_s"])
         t1 = time.perf_counter()
-        if improved:  # as the Ray loop: a self-describing checkpoint on improvement
-            save_checkpoint(ckpt_dir / f"epoch{epoch + 1}", model, classes=classes, image_size=cfg.data.image_size,
-                            metrics=metrics, epoch=epoch + 1, config=cfg.to_flat(),
-                            train_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                         "scaler": {}, "early_stopping": early.state_dict()})
+        if step.improved:  # as the Ray loop: a self-describing checkpoint on improvement
+            save_checkpoint(ckpt_dir / f"epoch{epoch + 1}", run.model, classes=run.classes,
+                            image_size=run.cfg.data.image_size, metrics=metrics, epoch=epoch + 1,
+                            config=run.cfg.to_flat(), train_state=run.train_state())
             ckpts.append(time.perf_counter() - t1)
-        logger.info("plain epoch %d: %.2fs %s %.3f", epoch + 1, epochs[-1], cfg.optim.metric, value)
+        logger.info("plain epoch %d: %.2fs %s %.3f", epoch + 1, epochs[-1], run.cfg.optim.metric,
+                    metrics[run.cfg.optim.metric])
+        if run.early.should_stop:
+            break
     return {"setup_s": setup_s, "epochs": epochs, "checkpoint_s": ckpts, "metrics": metrics,
-            "train_images": len(train_set), "val_images": len(val_set)}
+            "train_images": run.train_images, "val_images": run.val_images}
 
 
 # ---------------------------------------------------------------------- Ray

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -29,38 +28,12 @@ import torch
 import torch.distributed as dist
 
 from covid_ray.checkpoint import load_checkpoint, load_train_state, save_checkpoint
-from covid_ray.config import TrialConfig
-from covid_ray.data.datasets import load_splits, make_loader
-from covid_ray.data.scan import find_dataset_root, order_classes
-from covid_ray.data.split import read_manifest
-from covid_ray.data.transforms import EvalPreset, TrainPreset, resize_for
-from covid_ray.engine import (
-    EarlyStopping,
-    class_weight_vector,
-    cross_entropy_np,
-    dedupe_by_index,
-    predict_logits,
-    train_one_epoch,
-)
-from covid_ray.metrics import validation_summary
-from covid_ray.models import create_model, trainable_parameters
+from covid_ray.config import AMP_MODES, OPTIMIZERS, TrialConfig, flat_defaults
+from covid_ray.engine import TrainingRun, run_epoch, setup_run
 from covid_ray.uri import is_file as uri_is_file
 from covid_ray.uri import is_uri, read_text, write_text
 
 logger = logging.getLogger(__name__)
-
-
-def manifest_classes(manifest) -> list[str]:
-    return order_classes(sorted(set(manifest["label"])))
-
-
-def _build_optimizer(params, cfg) -> torch.optim.Optimizer:
-    o = cfg.optim
-    if o.optimizer == "adam":
-        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
-    if o.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum, nesterov=True)
 
 
 def _gather(arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
@@ -80,12 +53,6 @@ def _mean_over_workers(total: float, count: int, device: torch.device) -> float:
     return float(t[0] / t[1].clamp(min=1))
 
 
-def _set_epoch(loader, epoch: int) -> None:
-    sampler = getattr(loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
-
-
 def _quiet_report_log() -> None:
     """Drop Ray Train's INFO line per report (the whole metrics dict, every epoch).
 
@@ -99,148 +66,90 @@ def _quiet_report_log() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+def _resume(run: TrainingRun, rank: int) -> int:
+    """The epoch to start from: that of the checkpoint Ray hands a restarted run, else 0."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return 0
+    with checkpoint.as_directory() as folder:
+        epoch = run.restore(load_checkpoint(folder), load_train_state(folder))
+    if rank == 0:
+        print(f"[covid-ray] resumed from the checkpoint of epoch {epoch}", flush=True)
+    return epoch
+
+
+def _report(run: TrainingRun, metrics: dict, *, with_checkpoint: bool) -> None:
+    """Report the epoch to Ray Train; with a self-describing checkpoint of this epoch when asked."""
+    import ray.train
+
+    if not with_checkpoint:
+        ray.train.report(metrics)
+        return
+    cfg = run.cfg
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(tmp, run.model, classes=run.classes, image_size=cfg.data.image_size, metrics=metrics,
+                        epoch=int(metrics["epoch"]), config=cfg.to_flat(), train_state=run.train_state())
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _fault_hook(rank: int, epoch: int, best_epoch: int) -> None:
+    """Fault injection for the recovery tests: a hard crash of one rank after an epoch."""
+    fail_at = os.environ.get("COVID_RAY_FAIL_AT_EPOCH")
+    if fail_at and rank == int(os.environ.get("COVID_RAY_FAIL_RANK", "0")) and epoch == int(fail_at):
+        marker = Path(os.environ.get("COVID_RAY_FAIL_MARKER", ""))
+        if marker.name and not marker.exists():
+            marker.write_text(json.dumps({"killed_at_epoch": epoch, "last_checkpoint_epoch": best_epoch}))
+            os._exit(1)  # as from an OOM kill or a lost node
+
+
 def train_loop_per_worker(flat_config: dict) -> None:
-    """Ray Train worker entry point; reads everything from ``flat_config``."""
+    """Ray Train worker entry point; reads everything from ``flat_config``.
+
+    The set-up and each epoch are :mod:`covid_ray.engine`'s; this adds what Ray adds:
+    DDP preparation of the loaders and the model, the gather of validation predictions
+    over workers, the resume from Ray's checkpoint, the report, the checkpoint on rank 0
+    when the metric improves, and the fault hook of the recovery tests.
+    """
     loop_started_at = time.time()  # wall clock, for the start-up breakdown of benchmarks.tune
+    import ray
     import ray.train
     import ray.train.torch
 
     _quiet_report_log()
     cfg = TrialConfig.from_flat(flat_config)
     ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.optim.seed)  # identical initial weights on every worker
-
-    manifest = read_manifest(cfg.data.split)
-    classes = manifest_classes(manifest)
-    root = find_dataset_root(cfg.data.data)
-    data = load_splits(root, manifest, classes, resize_for(cfg.data.image_size), cache_dir=cfg.data.cache_dir)
-    train_set, val_set = data.datasets["train"], data.datasets["val"]
-    if len(train_set) == 0 or len(val_set) == 0:
-        raise ValueError(f"{cfg.data.split}: the train and val splits must both hold images")
-
-    batch = cfg.optim.batch_size
-    # drop_last avoids a 1-image BatchNorm batch; kept when the split is smaller than a batch.
-    train_loader = make_loader(
-        train_set, batch_size=batch, shuffle=True, num_workers=cfg.data.loader_workers,
-        seed=cfg.optim.seed, drop_last=len(train_set) > batch * ctx.get_world_size(),
+    rank, device = ctx.get_world_rank(), ray.train.torch.get_device()
+    run = setup_run(
+        cfg, device=device, world_size=ctx.get_world_size(),
+        prepare_loader=lambda loader: ray.train.torch.prepare_data_loader(loader, move_to_device=False),
+        prepare_model=ray.train.torch.prepare_model,
     )
-    val_loader = make_loader(val_set, batch_size=max(batch, 64), shuffle=False, num_workers=cfg.data.loader_workers)
-    train_loader = ray.train.torch.prepare_data_loader(train_loader, move_to_device=False)
-    val_loader = ray.train.torch.prepare_data_loader(val_loader, move_to_device=False)
-
-    cuda = device.type == "cuda"
-    model = create_model(
-        cfg.model.model, len(classes), pretrained=cfg.model.pretrained,
-        in_chans=cfg.model.in_chans, freeze_backbone=cfg.model.freeze_backbone,
-        bn_momentum=cfg.model.bn_momentum,
-    )
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
-
-    counts = np.bincount(train_set.labels.numpy(), minlength=len(classes))
-    weights = class_weight_vector(counts, cfg.optim.class_weights, classes, cfg.optim.class_mult)
-    criterion = torch.nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32, device=device))
-    optimizer = _build_optimizer(trainable_parameters(model), cfg)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="max", factor=cfg.optim.lr_factor, patience=cfg.optim.lr_patience
-    )
-    scaler = torch.amp.GradScaler("cuda") if cuda and cfg.optim.amp != "off" else None
-    early = EarlyStopping(patience=cfg.optim.early_stop_patience)
-    train_preset = TrainPreset(image_size=cfg.data.image_size, in_chans=cfg.model.in_chans, augment=cfg.data.augment())
-    eval_preset = EvalPreset(image_size=cfg.data.image_size, in_chans=cfg.model.in_chans)
-
-    start_epoch = resumed_from = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            payload = load_checkpoint(folder)
-            state = load_train_state(folder)
-        module = model.module if hasattr(model, "module") else model
-        module.load_state_dict(payload["state_dict"])
-        if state is not None:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            early.load_state_dict(state["early_stopping"])
-        start_epoch = resumed_from = int(payload["epoch"])
-        if rank == 0:
-            print(f"[covid-ray] resumed from the checkpoint of epoch {start_epoch}", flush=True)
-
-    import ray
-
+    start_epoch = resumed_from = _resume(run, rank)
     node_id = ray.get_runtime_context().get_node_id()
     # Every worker's node, so the tables show where a multi-node trial really ran.
     worker_node_ids = ",".join(sorted(set(_gather((np.array([node_id]),))[0].tolist())))
     metric = cfg.optim.metric
     for epoch in range(start_epoch, cfg.optim.epochs):
-        t0, epoch_started_at = time.perf_counter(), time.time()
-        _set_epoch(train_loader, epoch)
-        generator = torch.Generator().manual_seed(cfg.optim.seed * 100_003 + rank * 1_009 + epoch)
-        loss_sum_mean, seen = train_one_epoch(
-            model, train_loader, train_preset, criterion, optimizer, device,
-            scaler=scaler, amp=cfg.optim.amp, generator=generator, channels_last=cuda,
-        )
-        train_loss = _mean_over_workers(loss_sum_mean * seen, seen, device)
-        index, logits, labels = predict_logits(model, val_loader, eval_preset, device, amp=cfg.optim.amp, channels_last=cuda)
-        index, logits, labels = dedupe_by_index(*_gather((index, logits, labels)))
-        metrics: dict[str, Any] = validation_summary(labels, logits, classes)
-        metrics["val_loss"] = cross_entropy_np(logits, labels)
-        if metric not in metrics:
-            raise ValueError(f"metric {metric!r} is not reported; choose one of {sorted(metrics)}")
-        value = metrics[metric]
-        improved = early.step(value if math.isfinite(value) else float("-inf"), epoch + 1)
-        scheduler.step(value)
-        metrics.update(
-            epoch=epoch + 1,
-            train_loss=train_loss,
-            lr=optimizer.param_groups[0]["lr"],
-            val_images=int(len(labels)),
-            epoch_time_s=time.perf_counter() - t0,
-            epoch_started_at=epoch_started_at,
-            loop_started_at=loop_started_at,
-            node_id=node_id,
-            worker_node_ids=worker_node_ids,
-            world_size=ctx.get_world_size(),
-            resumed_from_epoch=resumed_from,
-            early_stopped=early.should_stop,
-            **{f"best_{metric}": early.best, "best_epoch": early.best_epoch},
-        )
+        step = run_epoch(run, epoch, rank=rank, gather=_gather,
+                         mean=lambda total, count: _mean_over_workers(total, count, device))
+        metrics = {**step.metrics, "node_id": node_id, "worker_node_ids": worker_node_ids,
+                   "world_size": ctx.get_world_size(), "resumed_from_epoch": resumed_from,
+                   "loop_started_at": loop_started_at}
         if rank == 0:
             print(
-                f"[covid-ray] epoch {epoch + 1}/{cfg.optim.epochs} train_loss {train_loss:.4f} "
+                f"[covid-ray] epoch {epoch + 1}/{cfg.optim.epochs} train_loss {metrics['train_loss']:.4f} "
                 f"val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_accuracy']:.4f} "
-                f"{metric} {value:.4f}{' *' if improved else ''} ({metrics['epoch_time_s']:.1f}s)",
+                f"{metric} {metrics[metric]:.4f}{' *' if step.improved else ''} ({metrics['epoch_time_s']:.1f}s)",
                 flush=True,
             )
-        if improved and rank == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(
-                    tmp, model, classes=classes, image_size=cfg.data.image_size, metrics=metrics,
-                    epoch=epoch + 1, config=cfg.to_flat(),
-                    train_state={
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict() if scaler is not None else {},
-                        "early_stopping": early.state_dict(),
-                    },
-                )
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics)
-        if early.should_stop:
+        _report(run, metrics, with_checkpoint=step.improved and rank == 0)
+        if run.early.should_stop:
             if rank == 0:
-                print(f"[covid-ray] early stop: no {metric} gain for {early.bad_epochs} epochs", flush=True)
+                print(f"[covid-ray] early stop: no {metric} gain for {run.early.bad_epochs} epochs", flush=True)
             break
-        fail_at = os.environ.get("COVID_RAY_FAIL_AT_EPOCH")  # fault-injection hook for the recovery tests
-        if fail_at and rank == int(os.environ.get("COVID_RAY_FAIL_RANK", "0")) and epoch + 1 == int(fail_at):
-            marker = Path(os.environ.get("COVID_RAY_FAIL_MARKER", ""))
-            if marker.name and not marker.exists():
-                marker.write_text(json.dumps({"killed_at_epoch": epoch + 1, "last_checkpoint_epoch": early.best_epoch}))
-                os._exit(1)  # a hard crash, as from an OOM kill or a lost node
+        _fault_hook(rank, epoch + 1, run.early.best_epoch)
 
 
 HISTORY_FILE = "history.jsonl"
@@ -357,26 +266,32 @@ def best_of(result, metric: str) -> tuple[dict, str | None]:
 # --------------------------------------------------------------------------- CLI
 
 
+# The training keys the CLI exposes; their defaults and types are the config dataclasses'.
+CLI_KEYS = ("image_size", "epochs", "batch_size", "lr", "weight_decay", "optimizer", "class_weights", "pretrained",
+            "freeze_backbone", "in_chans", "amp", "early_stop_patience", "lr_patience", "seed")
+CLI_HELP = {
+    "batch_size": "per worker",
+    "class_weights": "none | balanced | sqrt_balanced | w1,w2,...",
+    "pretrained": "imagenet (torchvision's weights: cache, else a download with a timeout), none, or a weights file",
+    "early_stop_patience": "epochs without improvement before stopping (0: never)",
+}
+CLI_CHOICES = {"optimizer": OPTIMIZERS, "amp": AMP_MODES, "in_chans": (1, 3)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m covid_ray.train", description="Train one configuration with Ray Train (DDP).")
     p.add_argument("--data", required=True, help="dataset root (Kaggle layout or ImageFolder)")
     p.add_argument("--split", default=None, help="split manifest; default: made (or reused) for --data")
     p.add_argument("--model", required=True, help="registered model name (see covid_ray.models.list_models)")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=32, help="per worker")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd"])
-    p.add_argument("--class-weights", default="none", help="none | balanced | sqrt_balanced | w1,w2,...")
-    p.add_argument("--pretrained", default=None,
-                   help="imagenet (torchvision's weights: cache, else a download with a timeout), none, or a weights file")
-    p.add_argument("--freeze-backbone", action="store_true")
-    p.add_argument("--in-chans", type=int, default=1, choices=[1, 3])
-    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16"])
-    p.add_argument("--early-stop-patience", type=int, default=5)
-    p.add_argument("--lr-patience", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
+    defaults = flat_defaults()
+    for key in CLI_KEYS:
+        flag, default, help_text = "--" + key.replace("_", "-"), defaults[key], CLI_HELP.get(key)
+        if isinstance(default, bool):
+            p.add_argument(flag, action="store_true", help=help_text)
+        else:
+            kind = str if default is None or key == "class_weights" else type(default)
+            p.add_argument(flag, type=kind, default=default, choices=CLI_CHOICES.get(key),
+                           help=f"{help_text + '; ' if help_text else ''}default {default}")
     p.add_argument("--num-workers", type=int, default=1, help="DDP workers")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--use-gpu", action="store_true")
@@ -402,22 +317,10 @@ def config_from_args(args: argparse.Namespace, split: Path) -> dict:
     return {
         "data": str(Path(args.data).resolve()),
         "split": str(split.resolve()),
-        "image_size": args.image_size,
         "cache_dir": str(Path(args.cache_dir).resolve()) if args.cache_dir else None,
         "model": args.model,
-        "pretrained": args.pretrained,
-        "freeze_backbone": args.freeze_backbone,
-        "in_chans": args.in_chans,
-        "optimizer": args.optimizer,
-        "lr": args.lr,
-        "weight_decay": args.weight_decay,
-        "batch_size": args.batch_size,
-        "epochs": args.epochs,
+        **{key: getattr(args, key) for key in CLI_KEYS},
         "class_weights": _class_weights_arg(args.class_weights),
-        "early_stop_patience": args.early_stop_patience,
-        "lr_patience": args.lr_patience,
-        "amp": args.amp,
-        "seed": args.seed,
     }
 
 

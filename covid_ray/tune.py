@@ -248,8 +248,7 @@ def prepare_experiment(opts: SearchOptions) -> tuple[Path, SearchSpace, dict]:
     """
     from covid_ray.data.prepare import DEFAULT_SYNTHETIC_DIR, ensure_synthetic, is_synthetic, split_dataset
     from covid_ray.data.scan import find_dataset_root
-    from covid_ray.data.split import read_manifest
-    from covid_ray.train import manifest_classes
+    from covid_ray.data.split import manifest_classes, read_manifest
 
     exp = experiment_dir(opts.storage_path, opts.experiment)
     meta_file = exp / "experiment.json"
@@ -300,11 +299,7 @@ def prepare_experiment(opts: SearchOptions) -> tuple[Path, SearchSpace, dict]:
 
 def run_search(opts: SearchOptions) -> Path:
     """Run (or resume) a search and write its tables. Returns the experiment folder."""
-    from ray import tune
-
-    from covid_ray.ray_setup import check_resources, init_ray
-    from covid_ray.results import write_tables
-    from covid_ray.storage import ExperimentStorage, check_storage
+    from covid_ray.storage import ExperimentStorage
 
     store = ExperimentStorage.create(opts.storage_path, opts.experiment)
     store.before_prepare(resume=opts.resume)

@@ -300,3 +300,55 @@ def test_grad_scaler_skips_a_step_whose_gradients_overflow_and_lowers_the_scale(
     assert scaler.get_scale() == 2.0**119  # backoff factor 0.5
     for a, b in zip(before, model.parameters()):
         torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)  # the step was skipped
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def _run_config(easy_split, tmp_path, **patch):
+    from covid_ray.config import TrialConfig
+
+    root, split = easy_split
+    return TrialConfig.from_flat({"data": str(root), "split": str(split), "cache_dir": str(tmp_path / "cache"),
+                                  "model": "seed_cnn", "image_size": 40, "batch_size": 16, "epochs": 3,
+                                  "lr": 1e-3, **patch})
+
+
+def test_a_run_trains_and_reports_what_the_loop_reports(easy_split, tmp_path):
+    from covid_ray.engine import run_epoch, setup_run
+
+    run = setup_run(_run_config(easy_split, tmp_path, bn_momentum=0.3), device=torch.device("cpu"))
+    assert run.classes == ["COVID", "Normal"] and (run.train_images, run.val_images) == (112, 16)
+    assert all(m.momentum == 0.3 for m in run.model.modules() if isinstance(m, nn.BatchNorm2d))
+    first = run_epoch(run, 0)
+    second = run_epoch(run, 1)
+    m = second.metrics
+    assert first.improved  # the first epoch is always a new best
+    assert m["epoch"] == 2 and m["val_images"] == 16 and m["lr"] == pytest.approx(1e-3)
+    assert m["best_val_macro_f1"] == max(first.metrics["val_macro_f1"], m["val_macro_f1"])
+    assert second.improved == (m["val_macro_f1"] > first.metrics["val_macro_f1"])
+    assert {"val_accuracy", "val_loss", "train_loss", "epoch_time_s", "early_stopped"} <= set(m)
+
+
+def test_a_restored_run_continues_exactly_where_it_stopped(easy_split, tmp_path):
+    """Two epochs straight equal one epoch, a checkpoint, a fresh run restored from it, one more epoch."""
+    from covid_ray.checkpoint import load_checkpoint, load_train_state, save_checkpoint
+    from covid_ray.engine import run_epoch, setup_run
+
+    cfg = _run_config(easy_split, tmp_path)
+    straight = setup_run(cfg, device=torch.device("cpu"))
+    run_epoch(straight, 0)
+    end = run_epoch(straight, 1).metrics
+
+    first = setup_run(cfg, device=torch.device("cpu"))
+    metrics = run_epoch(first, 0).metrics
+    save_checkpoint(tmp_path / "ckpt", first.model, classes=first.classes, image_size=40, metrics=metrics, epoch=1,
+                    config=cfg.to_flat(), train_state=first.train_state())
+    resumed = setup_run(cfg, device=torch.device("cpu"))
+    assert resumed.restore(load_checkpoint(tmp_path / "ckpt"), load_train_state(tmp_path / "ckpt")) == 1
+    again = run_epoch(resumed, 1).metrics
+    assert again["val_macro_f1"] == end["val_macro_f1"]
+    assert again["train_loss"] == pytest.approx(end["train_loss"], rel=1e-4, abs=1e-6)
+    for key, value in straight.model.state_dict().items():
+        assert torch.allclose(value, resumed.model.state_dict()[key], atol=1e-6), key
+    assert resumed.early.state_dict() == straight.early.state_dict()

@@ -14,12 +14,11 @@ import torch
 from covid_ray.checkpoint import save_checkpoint
 from covid_ray.data.datasets import load_splits, make_loader
 from covid_ray.data.scan import find_dataset_root
-from covid_ray.data.split import read_manifest
+from covid_ray.data.split import manifest_classes, read_manifest
 from covid_ray.data.transforms import EvalPreset, TrainPreset, resize_for
 from covid_ray.engine import predict_logits, recalibrate_batchnorm, train_one_epoch
 from covid_ray.metrics import validation_summary
 from covid_ray.models import create_model
-from covid_ray.train import manifest_classes
 
 # (trial_id, model, image_size, in_chans, epochs, seed, lr). The 3-channel member exercises
 # the in-graph channel adapter; the 48 px one is only used by the mixed-size test.

@@ -178,7 +178,7 @@ def test_ensemble_build_reports_the_mean_in_lung_share(easy_split, tmp_path):
     from ensemble.build import BuildOptions, build_ensemble
     from covid_ray.checkpoint import save_checkpoint
     from covid_ray.data.split import read_manifest
-    from covid_ray.train import manifest_classes
+    from covid_ray.data.split import manifest_classes
     from test_ensemble_build import make_search
 
     classes = manifest_classes(read_manifest(easy_split[1]))

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from covid_ray.data.scan import ImageRecord, ScanResult
+from covid_ray.artifacts.experiment import DATA_REPORT_FILE
+from covid_ray.data.scan import ImageRecord, ScanResult, order_classes
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +216,11 @@ def write_manifest(df: pd.DataFrame, out: str | Path) -> Path:
     return out
 
 
+def manifest_classes(manifest: pd.DataFrame) -> list[str]:
+    """The class names of a manifest in output order (the Kaggle order for the Kaggle classes)."""
+    return order_classes(sorted(set(manifest["label"])))
+
+
 def read_manifest(path: str | Path) -> pd.DataFrame:
     """Read a manifest written by :func:`write_manifest`; checks its columns.
 
@@ -255,7 +261,7 @@ def build_report(scan: ScanResult, df: pd.DataFrame, summary: dict, *, seed: int
 
 
 def write_report(report: dict, out_dir: str | Path) -> Path:
-    path = Path(out_dir) / "data_report.json"
+    path = Path(out_dir) / DATA_REPORT_FILE
     path.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
     return path
 
