@@ -217,10 +217,9 @@ def run_search_on(cluster: LocalCluster, data: Path, space: Path, storage: Path,
 
 def trial_overheads(exp: Path) -> tuple[list[float], list[float]]:
     """(overhead s per trial, epoch s of every epoch) of a finished experiment."""
-    import pandas as pd
+    from covid_ray.artifacts.experiment import read_history_table, read_trials
 
-    trials = pd.read_csv(exp / "trials.csv")
-    history = pd.read_csv(exp / "history.csv")
+    trials, history = read_trials(exp), read_history_table(exp)
     epochs = history.groupby("trial_id")["epoch_time_s"].sum()
     overhead = (trials.set_index("trial_id")["wall_time_s"] - epochs).dropna()
     return [float(v) for v in overhead], [float(v) for v in history["epoch_time_s"]]

@@ -29,7 +29,9 @@ import pandas as pd
 import torch
 
 from benchmarks.common import machine_note, markdown_table, today, write_section
-from covid_ray.checkpoint import save_checkpoint
+from covid_ray.artifacts.bundle import INT8_FILE
+from covid_ray.artifacts.checkpoint import MODEL_FILE, save_checkpoint
+from covid_ray.artifacts.experiment import ENSEMBLE_DIRNAME, SPLIT_FILE, TRIALS_FILE, read_trials, write_experiment
 from covid_ray.data.prepare import DEFAULT_SYNTHETIC_DIR, ensure_synthetic, is_synthetic, split_dataset
 from covid_ray.data.scan import find_dataset_root
 from covid_ray.data.split import manifest_classes, read_manifest
@@ -80,12 +82,13 @@ def make_search(data_dir: Path, work: Path, *, image_size: int, cache_dir: Path,
     A folder already complete (its trials.csv and every checkpoint there) is reused.
     """
     folder = work / "search"
-    trials = folder / "trials.csv"
-    if trials.is_file() and all(Path(c, "model.pt").is_file() for c in pd.read_csv(trials)["checkpoint"]):
+    done = (folder / TRIALS_FILE).is_file() and all(Path(c, MODEL_FILE).is_file()
+                                                     for c in read_trials(folder)["checkpoint"])
+    if done:
         print(f"reusing the stand-in search in {folder}")
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    split = folder / "split.csv"
+    split = folder / SPLIT_FILE
     if not split.is_file():
         split_dataset(data_dir, split)
     manifest = read_manifest(split)
@@ -97,11 +100,11 @@ def make_search(data_dir: Path, work: Path, *, image_size: int, cache_dir: Path,
                            out=work / "trials" / f"trial_{i}" / "checkpoint")
         rows.append({"trial_id": f"trial_{i}", "status": "TERMINATED", **row, "error": "",
                      "wall_time_s": time.perf_counter() - t0})
-    pd.DataFrame(rows).to_csv(folder / "trials.csv", index=False)
-    (folder / "experiment.json").write_text(json.dumps({
-        "name": "ensemble-benchmark", "data": str(find_dataset_root(data_dir).resolve()), "split": "split.csv",
+    pd.DataFrame(rows).to_csv(folder / TRIALS_FILE, index=False)
+    write_experiment(folder, {
+        "name": "ensemble-benchmark", "data": str(find_dataset_root(data_dir).resolve()), "split": SPLIT_FILE,
         "synthetic": is_synthetic(data_dir), "metric": "val_macro_f1", "mode": "max", "classes": classes,
-    }, indent=2))
+    })
     return folder
 
 
@@ -159,7 +162,7 @@ def render(results: dict, command: str) -> str:
     if x["status"] == "refused":
         return "\n".join(parts + [f"Export refused: {x['message']}"])
     sizes = {name: size for name, size in x["files"].items() if name.endswith(".onnx")}
-    if "int8_size_bytes" in x and "ensemble_int8.onnx" not in sizes:
+    if "int8_size_bytes" in x and INT8_FILE not in sizes:
         sizes["int8 (rejected by the gate)"] = x["int8_size_bytes"]
     gate = x.get("gate", {})
     lat = x.get("latency_ms", {})
@@ -208,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(args.results_root) / args.experiment
         command = f"python -m benchmarks.ensemble --experiment {args.experiment} --top {args.top}"
     results = run_builds(folder, top=args.top, cache_dir=cache_dir, repeats=args.latency_repeats)
-    (folder / "ensemble" / "benchmark_ensemble.json").write_text(json.dumps(results, indent=2) + "\n")
+    (folder / ENSEMBLE_DIRNAME / "benchmark_ensemble.json").write_text(json.dumps(results, indent=2) + "\n")
     body = render(results, command)
     print(f"## {HEADING}\n\n{body}")
     if not args.no_write:

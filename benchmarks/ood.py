@@ -23,10 +23,12 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import machine_note, markdown_table, today, write_section
+from covid_ray.artifacts.bundle import CACHE_DIRNAME
+from covid_ray.artifacts.experiment import ENSEMBLE_DIRNAME, read_experiment
 from covid_ray.data.split import read_manifest
 from ensemble.abstain import candidate_benchmark, fit_ood
 from ensemble.build import BuildOptions, build_ensemble
-from ensemble.select import load_member, read_experiment
+from ensemble.select import load_trial
 
 HEADING = "OOD abstention: AUROC and false accepts per OOD set (`python -m benchmarks.ood`)"
 
@@ -36,7 +38,7 @@ def run(folder: Path, *, top: int, tta: str, cache_dir: Path | None, repeats: in
 
     The build's prediction cache is cleared first, so its stage times include every forward pass.
     """
-    shutil.rmtree(folder / "ensemble" / "cache", ignore_errors=True)
+    shutil.rmtree(folder / ENSEMBLE_DIRNAME / CACHE_DIRNAME, ignore_errors=True)
     t0 = time.perf_counter()
     result = build_ensemble(folder, BuildOptions(top=top, tta=tta, latency_repeats=repeats,
                                                  data_cache_dir=str(cache_dir) if cache_dir else None))
@@ -47,9 +49,9 @@ def run(folder: Path, *, top: int, tta: str, cache_dir: Path | None, repeats: in
     experiment = read_experiment(folder)
     manifest = read_manifest(experiment.split)
     weights = [r["weight"] for r in m["members"]]
-    members = [load_member({"trial_id": r["trial_id"], "checkpoint": r["checkpoint"]}, 0.0, experiment.classes)
+    members = [load_trial({"trial_id": r["trial_id"], "checkpoint": r["checkpoint"]}, 0.0, experiment.classes)
                for r in m["members"]]
-    cache = result.out_dir / "cache"
+    cache = result.out_dir / CACHE_DIRNAME
     data_cache = str(cache_dir) if cache_dir else None
     fit = fit_ood(members, weights, m["calibration"]["temperature"], experiment, manifest, cache_dir=cache,
                   data_cache_dir=data_cache)
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         command = f"python -m benchmarks.ood --experiment {args.experiment}"
     command += f" --tta {args.tta}" if args.tta else ""
     m = run(folder, top=args.top, tta=args.tta, cache_dir=cache_dir, repeats=args.latency_repeats)
-    (folder / "ensemble" / "benchmark_ood.json").write_text(json.dumps(m["ood"], indent=2, default=float) + "\n")
+    (folder / ENSEMBLE_DIRNAME / "benchmark_ood.json").write_text(json.dumps(m["ood"], indent=2, default=float) + "\n")
     body = render(m, command)
     print(f"## {HEADING}\n\n{body}")
     if not args.no_write:

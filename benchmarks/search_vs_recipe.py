@@ -31,6 +31,7 @@ import pandas as pd
 import yaml
 
 from benchmarks.common import machine_note, markdown_table, today, write_section
+from covid_ray.artifacts.experiment import SPLIT_FILE, read_history_table
 from covid_ray.data.prepare import DEFAULT_SYNTHETIC_DIR, ensure_synthetic
 from covid_ray.search_space import load_search_space
 
@@ -58,7 +59,7 @@ class Arm:
 
     @property
     def trial_epochs(self) -> int:
-        return int(pd.read_csv(self.exp / "history.csv")["epoch"].count())
+        return int(read_history_table(self.exp)["epoch"].count())
 
 
 def search(storage: Path, name: str, space: Path, *, recipe: bool, seed: int, time_budget_s: float | None = None):
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                 recipe=False, seed=42, top=args.top)
         # (b): the recipe alone, as many epochs as fit in (a)'s wall time (its early stopping may end it sooner).
         quick = load_search_space(QUICK)
-        epoch_s = float(pd.read_csv(a.exp / "history.csv")["epoch_time_s"].median())
+        epoch_s = float(read_history_table(a.exp)["epoch_time_s"].median())
         budget_epochs = max(quick.max_epochs, int(a.wall_s / max(epoch_s, 1e-3)))
         recipe_doc = yaml.safe_load(RECIPE.read_text())
         recipe_doc["fixed"].update(image_size=quick.fixed["image_size"], epochs=budget_epochs)
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         from covid_ray.data.split import read_manifest
 
         arms = [a, b, c]
-        cmp = compare(arms, read_manifest(a.exp / "split.csv"), args.n_boot)
+        cmp = compare(arms, read_manifest(a.exp / SPLIT_FILE), args.n_boot)
         body = report(arms, cmp, budget_epochs, args.seed)
         (storage / "summary.json").write_text(json.dumps(cmp, indent=2, default=float))
     finally:

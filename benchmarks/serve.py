@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import socket
 import subprocess
@@ -33,10 +32,14 @@ import httpx
 import numpy as np
 
 from benchmarks.common import REPO, machine_note, markdown_table, today, write_section
+from covid_ray.artifacts.bundle import (
+    CACHE_DIRNAME, FP32_FILE, GRAPH_FILES, INT8_FILE, PREPROCESS_FILE, read_json_object, write_preprocess_json,
+)
+from covid_ray.artifacts.experiment import ENSEMBLE_DIRNAME, EXPERIMENT_FILE, SPLIT_FILE, TRIALS_FILE
 
 HEADING = "Inference service: `/predict` throughput and latency, int8 vs fp32 (`python -m benchmarks.serve`)"
 DEMO_EXPERIMENT = REPO / "results" / "demo"
-DEFAULT_MODEL_DIR = DEMO_EXPERIMENT / "ensemble"
+DEFAULT_MODEL_DIR = DEMO_EXPERIMENT / ENSEMBLE_DIRNAME
 STANDIN_DIR = REPO / "data" / "bench_serve"
 SYNTHETIC = REPO / "data" / "synthetic"
 
@@ -63,26 +66,27 @@ def export_demo_copy(demo: Path = DEMO_EXPERIMENT, out: Path = STANDIN_DIR / "de
     from ensemble.build import BuildOptions, build_ensemble
 
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("experiment.json", "split.csv", "trials.csv"):
+    for name in (EXPERIMENT_FILE, SPLIT_FILE, TRIALS_FILE):
         shutil.copy(demo / name, out / name)
-    if (demo / "ensemble" / "cache").is_dir():  # member probabilities: spares predicting them again
-        shutil.copytree(demo / "ensemble" / "cache", out / "ensemble" / "cache", dirs_exist_ok=True)
+    cache = Path(ENSEMBLE_DIRNAME, CACHE_DIRNAME)
+    if (demo / cache).is_dir():  # member probabilities: spares predicting them again
+        shutil.copytree(demo / cache, out / cache, dirs_exist_ok=True)
     build_ensemble(out, BuildOptions(top=5, n_boot=100, latency_repeats=0, lung_cam_images=0))
-    return out / "ensemble"
+    return out / ENSEMBLE_DIRNAME
 
 
 def build_standin(out: Path = STANDIN_DIR) -> Path:
     """A two-member ResNet-18 ensemble at 64 px, exported fp32 + int8, under ``out/ensemble``."""
     import torch
 
-    from covid_ray.checkpoint import save_checkpoint
+    from covid_ray.artifacts.checkpoint import save_checkpoint
     from covid_ray.data.io import read_grayscale, resize_square
     from covid_ray.data.layout import KAGGLE_CLASSES
     from covid_ray.data.transforms import EvalPreset, resize_for
     from covid_ray.models import create_model
-    from ensemble.export import EnsembleModule, export_onnx, preprocess_json, write_preprocess_json
+    from ensemble.export import EnsembleModule, export_onnx, preprocess_json
     from ensemble.quantize import quantize_int8
-    from ensemble.select import load_member
+    from ensemble.select import load_trial
 
     classes, size = list(KAGGLE_CLASSES), 64
     members = []
@@ -90,15 +94,15 @@ def build_standin(out: Path = STANDIN_DIR) -> Path:
         torch.manual_seed(i)
         folder = save_checkpoint(out / "train" / f"r{i}", create_model("resnet18", len(classes)), classes=classes,
                                  image_size=size, metrics={}, epoch=0, config={"data": str(SYNTHETIC)})
-        members.append(load_member({"trial_id": f"r{i}", "checkpoint": str(folder)}, 0.0, classes))
+        members.append(load_trial({"trial_id": f"r{i}", "checkpoint": str(folder)}, 0.0, classes))
     module = EnsembleModule(members, [0.5, 0.5], 1.0, classes)
-    ens = out / "ensemble"
+    ens = out / ENSEMBLE_DIRNAME
     ens.mkdir(parents=True, exist_ok=True)
-    fp32 = export_onnx(module, ens / "ensemble_fp32.onnx")
+    fp32 = export_onnx(module, ens / FP32_FILE)
     preset = EvalPreset(image_size=size, in_chans=1)
     calib = [resize_square(read_grayscale(p)[0].array, resize_for(size)) for p in sorted(SYNTHETIC.glob("*/images/*.png"))[:32]]
-    quantize_int8(fp32, ens / "ensemble_int8.onnx", preset(torch.from_numpy(np.stack(calib))).numpy())
-    write_preprocess_json(preprocess_json(module, classes, synthetic=True), ens / "preprocess.json")
+    quantize_int8(fp32, ens / INT8_FILE, preset(torch.from_numpy(np.stack(calib))).numpy())
+    write_preprocess_json(preprocess_json(module, classes, synthetic=True), ens / PREPROCESS_FILE)
     return ens
 
 
@@ -195,7 +199,7 @@ def direct_latency(model: Path, images: list[tuple[str, bytes]], *, threads: int
 
 
 def describe_ensemble(model_dir: Path) -> str:
-    meta = json.loads((model_dir / "preprocess.json").read_text())
+    meta = read_json_object(model_dir / PREPROCESS_FILE)
     models = [m.get("model", "?") for m in meta["members"]]
     arch = ", ".join(f"{models.count(a)} x {a}" for a in dict.fromkeys(models)) if "?" not in models \
         else f"{len(models)} members"
@@ -217,23 +221,23 @@ def main(argv: list[str] | None = None) -> int:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
 
     model_dir = args.model_dir.resolve()
-    if not (model_dir / "preprocess.json").is_file() and model_dir == DEFAULT_MODEL_DIR:
-        if (STANDIN_DIR / "demo" / "ensemble" / "preprocess.json").is_file():
-            model_dir = STANDIN_DIR / "demo" / "ensemble"
-        elif (DEMO_EXPERIMENT / "trials.csv").is_file():
+    if not (model_dir / PREPROCESS_FILE).is_file() and model_dir == DEFAULT_MODEL_DIR:
+        if (STANDIN_DIR / "demo" / ENSEMBLE_DIRNAME / PREPROCESS_FILE).is_file():
+            model_dir = STANDIN_DIR / "demo" / ENSEMBLE_DIRNAME
+        elif (DEMO_EXPERIMENT / TRIALS_FILE).is_file():
             print(f"no exported ensemble at {model_dir}; exporting the demo's top 5 under {STANDIN_DIR}", flush=True)
             model_dir = export_demo_copy()
         else:
             print(f"no exported ensemble at {model_dir}; building a stand-in under {STANDIN_DIR}", flush=True)
             model_dir = build_standin()
-    if not (model_dir / "preprocess.json").is_file():
-        print(f"error: no exported ensemble (preprocess.json) in {model_dir}", file=sys.stderr)
+    if not (model_dir / PREPROCESS_FILE).is_file():
+        print(f"error: no exported ensemble ({PREPROCESS_FILE}) in {model_dir}", file=sys.stderr)
         return 2
     images = upload_images()
     load_before = os.getloadavg()
     notes = []
     variants = {}
-    for variant in ("ensemble_int8.onnx", "ensemble_fp32.onnx"):
+    for variant in GRAPH_FILES:
         if (model_dir / variant).is_file():
             variants[variant] = model_dir / variant
         else:

@@ -236,7 +236,8 @@ def startup_phases(t_fit: float, t_end: float, epochs: list[float]) -> dict[str,
 
 
 def ray_run(flat: dict, storage: Path, threads: int, tag: str) -> dict:
-    from covid_ray.train import build_trainer, history_callback, read_history
+    from covid_ray.artifacts.experiment import read_history
+    from covid_ray.train import build_trainer, history_callback
 
     history = storage / f"{tag}.jsonl"
     trainer = build_trainer(

@@ -35,6 +35,9 @@ import yaml
 from ray.tune import Callback
 
 from benchmarks.common import machine_note, markdown_table, today, write_section
+from covid_ray.artifacts.experiment import (
+    ARM_COLUMN, OPTUNA_DB, RECIPE_ARM, TUNE_DIRNAME, load_experiment_json, read_trials,
+)
 from covid_ray.data.prepare import DEFAULT_SYNTHETIC_DIR, ensure_synthetic
 from covid_ray.search_space import load_search_space
 
@@ -75,7 +78,7 @@ def phases(exp: Path, clock: Path) -> pd.DataFrame:
     start = events[events.event == "start"].groupby("trial_id")["t"].last()  # a restarted trial: its last start
     end = events[events.event == "complete"].groupby("trial_id")["t"].last()
     rows = []
-    for tid, df in ExperimentAnalysis(str(exp / "tune")).trial_dataframes.items():
+    for tid, df in ExperimentAnalysis(str(exp / TUNE_DIRNAME)).trial_dataframes.items():
         if tid not in start or tid not in end or df is None or df.empty or "loop_started_at" not in df:
             continue
         df = df.drop_duplicates("epoch", keep="last")
@@ -103,7 +106,7 @@ def study_states(exp: Path, name: str) -> dict[str, int]:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=name, storage=f"sqlite:///{exp / 'optuna.db'}")
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{exp / OPTUNA_DB}")
     counts: dict[str, int] = {}
     for t in study.trials:
         counts[t.state.name] = counts.get(t.state.name, 0) + 1
@@ -111,11 +114,11 @@ def study_states(exp: Path, name: str) -> dict[str, int]:
 
 
 def summarize(exp: Path, max_epochs: int, clock: Path) -> dict:
-    trials = pd.read_csv(exp / "trials.csv")
-    meta = json.loads((exp / "experiment.json").read_text())
+    trials = read_trials(exp)
+    meta = load_experiment_json(exp)
     metric = f"best_{meta['metric']}"
-    searched = trials[trials["arm"] != "recipe"]
-    recipe = trials[trials["arm"] == "recipe"]
+    searched = trials[trials[ARM_COLUMN] != RECIPE_ARM]
+    recipe = trials[trials[ARM_COLUMN] == RECIPE_ARM]
     wall_h = meta["search_wall_time_s"] / 3600
     epochs_run = int(searched["epochs"].sum())
     ph = phases(exp, clock)
@@ -130,7 +133,7 @@ def summarize(exp: Path, max_epochs: int, clock: Path) -> dict:
         "stopped_early": int(searched["stopped_early"].sum()),
         "best": float(best_row[metric]),
         "best_model": str(best_row["config/model"]),
-        "best_arm": str(best_row["arm"]),
+        "best_arm": str(best_row[ARM_COLUMN]),
         "recipe": float(recipe[metric].iloc[0]) if len(recipe) else float("nan"),
         "study": study_states(exp, meta["name"]),
         "phases": ph,

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 from pathlib import Path
 
 from benchmarks.common import REPO
 from benchmarks.serve import Service
+from covid_ray.artifacts.bundle import GRAPH_FILES, PREPROCESS_FILE, read_json_object
+from covid_ray.artifacts.experiment import ENSEMBLE_DIRNAME, read_experiment
 
-DEMO_ENSEMBLE = REPO / "results" / "demo" / "ensemble"
+DEMO_ENSEMBLE = REPO / "results" / "demo" / ENSEMBLE_DIRNAME
 WORK = REPO / "data" / "web_screenshot"
 OUT = REPO / "docs" / "web-page.png"
 # (model, seed, lr, epochs): benchmarks.ensemble's best members, fewer of them and shorter.
@@ -36,7 +37,7 @@ LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backgro
 
 
 def has_export(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in ("ensemble_int8.onnx", "ensemble_fp32.onnx"))
+    return any((folder / name).is_file() for name in GRAPH_FILES)
 
 
 def build_standin(work: Path = WORK) -> Path:
@@ -47,10 +48,10 @@ def build_standin(work: Path = WORK) -> Path:
 
     data = ensure_synthetic(REPO / DEFAULT_SYNTHETIC_DIR)
     folder = make_search(data, work, image_size=64, cache_dir=work / "cache", members=STANDIN_MEMBERS)
-    if not has_export(folder / "ensemble"):
+    if not has_export(folder / ENSEMBLE_DIRNAME):
         build_ensemble(folder, BuildOptions(top=len(STANDIN_MEMBERS), n_boot=200, latency_repeats=0,
                                             data_cache_dir=str(work / "cache")))
-    return folder / "ensemble"
+    return folder / ENSEMBLE_DIRNAME
 
 
 def pick_radiograph(ensemble_dir: Path) -> tuple[Path, Path]:
@@ -58,10 +59,9 @@ def pick_radiograph(ensemble_dir: Path) -> tuple[Path, Path]:
     from covid_ray.data.scan import find_dataset_root
     from covid_ray.data.split import read_manifest
 
-    experiment = json.loads((ensemble_dir.parent / "experiment.json").read_text())
-    split = Path(experiment["split"])
-    manifest = read_manifest(split if split.is_absolute() else ensemble_dir.parent / split)
-    root = find_dataset_root(experiment["data"])
+    experiment = read_experiment(ensemble_dir.parent)
+    manifest = read_manifest(experiment.split)
+    root = find_dataset_root(experiment.data)
     rows = manifest[(manifest["split"] == "test") & (manifest["mask"] != "")].sort_values("path")
     covid = rows[rows["label"] == "COVID"]
     row = (covid if len(covid) else rows).iloc[0]
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     # A path relative to the repository: the page shows the model's path as the service reports it.
     served = model.resolve().relative_to(REPO) if model.resolve().is_relative_to(REPO) else model
     with Service(served, threads=2, gradcam=True) as service:
-        ood = "ood" in json.loads((model / "preprocess.json").read_text())
+        ood = "ood" in read_json_object(model / PREPROCESS_FILE)
         shoot(service.url, image, mask, out, chromium=args.chromium,
               abstain_out=out.with_name(out.stem + "-abstain.png") if ood else None)
     return 0

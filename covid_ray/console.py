@@ -32,7 +32,7 @@ from typing import TextIO
 
 from ray.tune import Callback
 
-from covid_ray.searcher import FIDELITY_ATTR, RECIPE, end_state, trial_arm
+from covid_ray.searcher import FIDELITY_ATTR, RECIPE, WARM_START, end_state, trial_arm
 
 # The stream the console writes to; set by capture_output. Callbacks are pickled with
 # the Tuner's state, so they hold no stream of their own and look it up here.
@@ -119,7 +119,7 @@ class SearchConsole(Callback):
         config = trial.config
         params = ", ".join(f"{k} {_short(config[k])}" for k in KEY_PARAMS if k in config)
         arm = trial_arm(config)
-        label = " (the hand recipe, the reference)" if arm == RECIPE else (" (warm start)" if arm == "warm_start" else "")
+        label = " (the hand recipe, the reference)" if arm == RECIPE else (" (warm start)" if arm == WARM_START else "")
         self._emit(f"trial {trial.trial_id} started{label}: {params}")
         self._draw(force=True)
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 from ray.air.integrations.mlflow import MLflowLoggerCallback  # imports mlflow only when a run starts
 
-logger = logging.getLogger(__name__)
+from covid_ray.artifacts.experiment import OPTUNA_DB, TUNE_DIRNAME, read_history, trial_history
 
-CHECKPOINT_FILES = ("model.pt", "metadata.json")  # not train_state.pt: resume state, 2x the model's size
+logger = logging.getLogger(__name__)
 
 
 def best_checkpoint(history: list[dict], metric: str) -> str | None:
@@ -47,11 +47,11 @@ def best_checkpoint(history: list[dict], metric: str) -> str | None:
 
 
 def tensorboard_command(exp: Path) -> str:
-    return f"tensorboard --logdir {exp / 'tune'} --host 127.0.0.1"
+    return f"tensorboard --logdir {exp / TUNE_DIRNAME} --host 127.0.0.1"
 
 
 def optuna_dashboard_command(exp: Path) -> str:
-    return f"optuna-dashboard sqlite:///{exp / 'optuna.db'}"
+    return f"optuna-dashboard sqlite:///{exp / OPTUNA_DB}"
 
 
 class TrialMLflow(MLflowLoggerCallback):
@@ -75,14 +75,14 @@ class TrialMLflow(MLflowLoggerCallback):
         self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=numbers, step=step)
 
     def log_trial_end(self, trial, failed: bool = False):
-        from covid_ray.train import HISTORY_FILE, read_history
-        from covid_ray.uri import is_uri, join
+        from covid_ray.artifacts.checkpoint import METADATA_FILE, MODEL_FILE
+        from covid_ray.uri import is_uri
 
         run_id = self._trial_runs[trial]
-        path = best_checkpoint(read_history(join(self.train_storage, trial.trial_id, HISTORY_FILE)), self.metric)
+        path = best_checkpoint(read_history(trial_history(self.train_storage, trial.trial_id)), self.metric)
         client = self.mlflow_util._get_client()
         if path and not is_uri(path) and Path(path).is_dir():
-            for name in CHECKPOINT_FILES:
+            for name in (MODEL_FILE, METADATA_FILE):  # not train_state.pt: resume state, 2x the model's size
                 if (Path(path) / name).is_file():
                     client.log_artifact(run_id, str(Path(path) / name), "best_checkpoint")
         elif path:

@@ -3,8 +3,9 @@
 Grad-CAM (Selvaraju et al., 2017): at a target layer with activations A (K maps), the
 class score's gradient averaged over each map gives a weight per map, and
 ``ReLU(sum_k alpha_k A_k)`` upsampled to the input is where the evidence for that
-class lies. Target layers per architecture: ``seed_cnn``'s last conv block, ResNet's
-``layer4``, EfficientNet's and MobileNet's ``features[-1]``, DenseNet's ``features``.
+class lies. The target layer of each architecture is the registry's ``cam_layer``
+(:mod:`covid_ray.models`): ``seed_cnn``'s last conv block, ResNet's ``layer4``,
+EfficientNet's and MobileNet's last feature block, DenseNet's ``features``.
 
 An ensemble's map is the weighted mean of its members' maps, each normalized first to
 sum 1 (an "attention distribution"): raw Grad-CAM magnitudes scale with each model's
@@ -22,7 +23,7 @@ Why a short implementation of our own rather than a library:
   minimum), which changes the share of mass inside a mask, and resizes with OpenCV:
   an ``opencv-python`` dependency (GUI libraries included) for one resize.
 * ``captum``'s ``LayerGradCam`` computes the same numbers, but we would still write
-  the target-layer table, the ensemble weighting, the class mapping across members,
+  the ensemble weighting, the class mapping across members,
   the upsampling and the locking ourselves; what remains is the ~30 lines of
   :func:`grad_cam` (a forward hook and one ``torch.autograd.grad``). A test checks
   them against a model whose Grad-CAM is known in closed form.
@@ -37,7 +38,7 @@ import copy
 import io
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,25 +48,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
-from covid_ray.checkpoint import file_digest
+from covid_ray.artifacts.bundle import ModelLoadError, member_checkpoints
+from covid_ray.artifacts.checkpoint import file_digest, load_checkpoint, model_file, model_from_checkpoint
+from covid_ray.artifacts.preprocess import Preprocess
 from covid_ray.data.io import read_grayscale, resize_square
-from covid_ray.inference import LoadedModel, ModelLoadError, Preprocess, ensemble_member_checkpoints, load_member
-from covid_ray.models import model_spec
+from covid_ray.inference import LoadedModel
+from covid_ray.models import cam_layer, list_models
+from covid_ray.vote import class_order, soft_vote, vote_weights
 
 logger = logging.getLogger(__name__)
-
-# Registry name -> the module whose output is the Grad-CAM layer (the last spatial
-# feature map before pooling).
-TARGET_LAYERS: dict[str, Callable[[nn.Module], nn.Module]] = {
-    "seed_cnn": lambda m: m.features[-1],
-    "resnet18": lambda m: m.layer4,
-    "resnet50": lambda m: m.layer4,
-    "efficientnet_b0": lambda m: m.features[-1],
-    "mobilenet_v3_small": lambda m: m.features[-1],
-    # DenseNet's forward applies an in-place ReLU to this output; the hook hands the
-    # network a copy, so the captured activations stay those of the layer.
-    "densenet121": lambda m: m.features,
-}
 
 
 class GradCamUnavailable(RuntimeError):
@@ -73,14 +64,17 @@ class GradCamUnavailable(RuntimeError):
 
 
 def target_layer(model: nn.Module, arch: str | None = None) -> nn.Module:
-    """The Grad-CAM layer of a registered architecture; else the last Conv2d, with a warning."""
+    """The Grad-CAM layer the registry names for ``arch`` (:func:`covid_ray.models.cam_layer`).
+
+    A model the registry did not build gets its last Conv2d, with a warning.
+    """
     if arch is None:
         arch = getattr(model, "covid_ray_args", {}).get("name")
-    if arch in TARGET_LAYERS:
-        return TARGET_LAYERS[arch](model)
+    if arch in list_models():
+        return cam_layer(model, arch)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     if not convs:
-        raise ValueError(f"no Grad-CAM layer known for {arch!r} and it has no Conv2d; known: {sorted(TARGET_LAYERS)}")
+        raise ValueError(f"no Grad-CAM layer known for {arch!r} and it has no Conv2d; known: {list_models()}")
     logger.warning("no Grad-CAM layer registered for %r; using its last Conv2d", arch)
     return convs[-1]
 
@@ -182,15 +176,15 @@ class GradCam:
     def __init__(self, members: Sequence[CamMember], classes: Sequence[str]):
         if not members:
             raise ValueError("Grad-CAM needs at least one member")
-        total = sum(m.weight for m in members)
-        if total <= 0:
-            raise ValueError("member weights sum to 0")
         self.members = list(members)
-        self.weights = [m.weight / total for m in members]
+        self.weights = vote_weights([m.weight for m in members])
         self.classes = list(classes)
+        self._orders = []
         for m in self.members:
-            if sorted(m.classes) != sorted(self.classes):
-                raise ValueError(f"member {m.name}: classes {m.classes} differ from {self.classes}")
+            try:
+                self._orders.append(class_order(m.classes, self.classes))
+            except ValueError:
+                raise ValueError(f"member {m.name}: classes {m.classes} differ from {self.classes}") from None
             m.model.eval()
             m.layer  # noqa: B018 - fail now, not at the first request, when no layer is found
         self._lock = threading.Lock()
@@ -230,11 +224,8 @@ class GradCam:
 
     @torch.no_grad()
     def _ensemble_argmax(self, inputs: list[torch.Tensor]) -> str:
-        mix = np.zeros(len(self.classes))
-        for m, w, x in zip(self.members, self.weights, inputs):
-            p = torch.softmax(m.model(x).double(), dim=1)[0].numpy()
-            mix += w * p[[m.classes.index(c) for c in self.classes]]
-        return self.classes[int(np.argmax(mix))]
+        probs = [torch.softmax(m.model(x).double(), dim=1).numpy() for m, x in zip(self.members, inputs)]
+        return self.classes[int(np.argmax(soft_vote(probs, self.weights, self._orders)[0]))]
 
 
 # --------------------------------------------------------------------------- masks
@@ -258,10 +249,7 @@ def mask_in_crop(mask: np.ndarray, image_shape: tuple[int, int], preprocess: Pre
     h, w = image_shape
     if mask.shape != (h, w):
         mask = np.asarray(Image.fromarray(mask).resize((w, h), Image.Resampling.BILINEAR))
-    resized = resize_square(mask, preprocess.resize)
-    s = preprocess.image_size
-    top = int(round((preprocess.resize - s) / 2.0))
-    return resized[top : top + s, top : top + s] >= 128
+    return preprocess.center_crop(resize_square(mask, preprocess.resize)) >= 128
 
 
 def read_mask(path: str | Path) -> np.ndarray:
@@ -335,75 +323,28 @@ def gradcam_for(model: LoadedModel) -> GradCam:
                            model.preprocess, arch)
         return GradCam([member], model.classes)
     try:
-        entries = ensemble_member_checkpoints(model)
-        members = []
-        for e in entries:
-            file = e["checkpoint"] / "model.pt" if e["checkpoint"].is_dir() else e["checkpoint"]
-            if e["sha256"] and file_digest(file) != e["sha256"]:
-                raise ModelLoadError(f"{file}: changed since the ensemble was exported (sha256 differs)")
-            module, payload = load_member(file, classes=model.classes, preprocess=model.preprocess)
-            members.append(CamMember(e["trial_id"], module, e["weight"], list(payload["classes"]),
-                                     Preprocess.from_dict(payload["preprocess"], source=file),
-                                     payload["model"]["name"]))
+        members = [_exported_member(e, model) for e in member_checkpoints(model.path, model.meta)]
     except (ModelLoadError, FileNotFoundError, ValueError, RuntimeError, KeyError) as exc:
         raise GradCamUnavailable(f"Grad-CAM needs the ensemble's torch members: {exc}") from None
     return GradCam(members, model.classes)
 
 
-def cam_members_from_models(models: Sequence[tuple[str, nn.Module, float, dict]]) -> list[CamMember]:
-    """CamMembers from (name, module, weight, checkpoint payload) tuples; zero weights left out."""
-    out = []
-    for name, module, weight, payload in models:
-        if weight <= 0:
-            continue
-        arch = payload.get("model", {}).get("name") or model_spec(module)["name"]
-        out.append(CamMember(name, module, float(weight), list(payload["classes"]),
-                             Preprocess.from_dict(payload["preprocess"], source=name), arch))
-    return out
+def _exported_member(entry: dict, model: LoadedModel) -> CamMember:
+    """One member of an exported ensemble, rebuilt from the checkpoint it was exported from.
 
-
-def lung_share_summary(cam: GradCam, items: Sequence[tuple[Path, Path]], *, available: int | None = None) -> dict:
-    """Mean in-lung Grad-CAM share over ``(image, mask)`` files, for ensemble.build's report.
-
-    Args:
-        available: how many images with masks the sample was drawn from (reported).
-
-    Returns:
-        ``images`` (scored), ``available``, ``mean``, ``median``, ``min``, ``max``,
-        ``below_half`` (images with less than half the map in the lungs),
-        ``lung_area_mean`` (what a uniform map would score), ``members`` (mean share
-        per member name), ``skipped`` (unreadable files or empty maps/masks).
+    Raises:
+        ModelLoadError: the checkpoint changed since the export (sha256), or its classes or
+            image size are not the ensemble's.
     """
-    shares, areas, per_member, skipped = [], [], [[] for _ in cam.members], []
-    for image_path, mask_path in items:
-        try:
-            gray = read_grayscale(image_path)[0].array
-            result = cam(gray, mask=read_mask(mask_path))
-        except (ValueError, OSError) as exc:  # BadImageError is a ValueError
-            skipped.append(f"{image_path}: {exc}")
-            continue
-        if result.lung_share is None or not result.lung_area:
-            skipped.append(f"{image_path}: empty Grad-CAM map or empty mask in the crop")
-            continue
-        shares.append(result.lung_share)
-        areas.append(result.lung_area)
-        for acc, s in zip(per_member, result.member_shares):
-            if s is not None:
-                acc.append(s)
-    arr = np.asarray(shares, dtype=np.float64)
-    stats = {
-        "images": int(len(arr)),
-        "available": int(available if available is not None else len(items)),
-        "mean": float(arr.mean()) if len(arr) else None,
-        "median": float(np.median(arr)) if len(arr) else None,
-        "min": float(arr.min()) if len(arr) else None,
-        "max": float(arr.max()) if len(arr) else None,
-        "below_half": int((arr < 0.5).sum()),
-        "lung_area_mean": float(np.mean(areas)) if areas else None,
-        "members": {m.name: (float(np.mean(v)) if v else None) for m, v in zip(cam.members, per_member)},
-        "skipped": skipped[:10],
-        "skipped_count": len(skipped),
-    }
-    return stats
-
-
+    file = model_file(entry["checkpoint"])
+    if entry["sha256"] and file_digest(file) != entry["sha256"]:
+        raise ModelLoadError(f"{file}: changed since the ensemble was exported (sha256 differs)")
+    payload = load_checkpoint(file)
+    if sorted(payload["classes"]) != sorted(model.classes):
+        raise ModelLoadError(f"{file}: classes {payload['classes']} differ from the ensemble's {model.classes}")
+    own, pre = Preprocess.from_dict(payload["preprocess"], source=file), model.preprocess
+    if (own.image_size, own.resize) != (pre.image_size, pre.resize):
+        raise ModelLoadError(f"{file}: {own.image_size}px from {own.resize}px, the ensemble uses "
+                             f"{pre.image_size}px from {pre.resize}px")
+    module, payload = model_from_checkpoint(payload)
+    return CamMember(entry["trial_id"], module, entry["weight"], list(payload["classes"]), own, payload["model"]["name"])

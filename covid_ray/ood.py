@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 
-OOD_OUTPUT = "ood_score"  # the graph's second output (ensemble.graph)
 NO_OOD_NOTE = ("this model has no OOD score (a single training checkpoint, or an export without one): "
                "it gives a class for any image, radiograph or not")
 

@@ -19,7 +19,8 @@ A file that cannot be read as an image prints ``{"image", "error"}`` on its line
 the others still print. ``--gradcam OUT_DIR`` writes a Grad-CAM overlay per image
 (``<stem>.gradcam.png``) from the ensemble's torch members; with a lung mask
 (``--mask``, or ``<class>/masks/<name>`` beside a Kaggle ``<class>/images/<name>``)
-the line also gives ``lung_cam_share``, the share of the map inside the lungs, and
+the overlay also draws the lungs' outline (magenta, as on the service's page) and
+the line gives ``lung_cam_share``, the share of the map inside the lungs, and
 ``lung_area_share``, the share a uniform map would get.
 
 Exit status: 0 when at least one image was classified, 1 when none could be read,
@@ -34,16 +35,11 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
+
+from covid_ray.answer import answer_image
 from covid_ray.data.io import BadImageError, read_grayscale
-from covid_ray.gradcam import (
-    GradCam,
-    GradCamUnavailable,
-    find_kaggle_mask,
-    gradcam_for,
-    overlay_png,
-    read_mask,
-    share_fields,
-)
+from covid_ray.gradcam import GradCam, GradCamUnavailable, find_kaggle_mask, gradcam_for, read_mask
 from covid_ray.inference import LoadedModel, ModelLoadError, load_model
 
 
@@ -56,22 +52,24 @@ def _unique_png(out_dir: Path, image: Path, used: set[str]) -> Path:
     return out_dir / name
 
 
-def explain(row: dict, gray, model: LoadedModel, cam: GradCam, *, mask_path: Path | None,
-            png_path: Path | None) -> None:
-    """Add Grad-CAM outputs to ``row``: the overlay file and, with a mask, the in-lung share."""
-    mask = None
-    if mask_path is not None:
-        row["mask"] = str(mask_path)
-        try:
-            mask = read_mask(mask_path)
-        except BadImageError as exc:
-            row["mask_error"] = exc.reason
-    result = cam(gray, target=row["class"], mask=mask)
-    if png_path is not None and result.cam is not None:
-        png_path.write_bytes(overlay_png(gray, result.cam, model.preprocess))
-        row["gradcam"] = str(png_path)
-    if mask is not None:
-        row.update(share_fields(result))
+def _mask(path: Path | None) -> tuple[dict, np.ndarray | None]:
+    """(the row's ``mask`` fields, the mask or None): an unreadable mask is reported, not fatal."""
+    if path is None:
+        return {}, None
+    try:
+        return {"mask": str(path)}, read_mask(path)
+    except BadImageError as exc:
+        return {"mask": str(path), "mask_error": exc.reason}, None
+
+
+def _overlay_writer(out_dir: Path, image: Path, used: set[str]):
+    """What to do with an image's overlay PNG: write ``<stem>.gradcam.png``, report its path."""
+    def write(png: bytes) -> dict:
+        path = _unique_png(out_dir, image, used)
+        path.write_bytes(png)
+        return {"gradcam": str(path)}
+
+    return write
 
 
 def predict_files(
@@ -93,17 +91,13 @@ def predict_files(
         image = Path(image)
         try:
             decoded, _ = read_grayscale(image)
-            prepared = model.prepare(decoded.array)
-        except BadImageError as exc:
-            yield {"image": str(image), "error": exc.reason}
-            continue
-        row = {"image": str(image), **model.classify(prepared.x)}  # with the OOD verdict
-        if decoded.notes:
-            row["notes"] = decoded.notes
-        if cam is not None:
-            mask_path = masks[i] if masks is not None else find_kaggle_mask(image)
-            png = _unique_png(out_dir, image, used) if out_dir is not None else None
-            explain(row, decoded.array, model, cam, mask_path=mask_path, png_path=png)
+            mask_path = (masks[i] if masks is not None else find_kaggle_mask(image)) if cam is not None else None
+            fields, mask = _mask(mask_path)
+            row = answer_image(model, decoded.array, image=str(image), notes=decoded.notes, fields=fields,
+                               explain=cam is not None, cam=cam, mask=mask, outline=True,
+                               overlay=_overlay_writer(out_dir, image, used) if out_dir is not None else None)
+        except BadImageError as exc:  # unreadable, or not an image the model can take
+            row = {"image": str(image), "error": exc.reason}
         yield row
 
 

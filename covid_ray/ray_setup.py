@@ -29,6 +29,10 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     # per poll: epochs shorter than that are stretched, and every run ends up to 2 s late.
     # A poll is one small actor call per worker; 10 a second cost nothing measurable.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    # A trial's workers wait for the CPUs of the trial that ASHA just stopped, which come
+    # free only once Ray Train's cleaner has noticed the dead controller: on a loaded
+    # machine that took over Ray's default 60 s, and the waiting trial failed its start.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     if address:
         return ray.init(address=address, log_to_driver=True).dashboard_url or None
     _warn_if_another_ray_runs()

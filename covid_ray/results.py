@@ -14,20 +14,21 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import yaml
 
+from covid_ray.artifacts.experiment import (
+    ARM_COLUMN, HISTORY_COLUMNS, HISTORY_FILE, HISTORY_TABLE, IMPORTANCES_PLOT, IMPORTANCES_TABLE, LEADERBOARD_FILE,
+    METRIC_PLOT, OPTUNA_DB, SEARCH_ARM, SEARCH_SPACE_FILE, TRIALS_FILE, TUNE_DIRNAME, best_checkpoint,
+    load_experiment_json, read_history, trial_dir,
+)
 from covid_ray.searcher import RECIPE, trial_arm
 
 logger = logging.getLogger(__name__)
-
-HISTORY_COLUMNS = [
-    "trial_id", "epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1",
-    "val_balanced_accuracy", "lr", "node_id", "worker_node_ids", "world_size", "epoch_time_s", "checkpoint",
-]
 
 
 def _error_text(trial, tune_dir: Path) -> str:
@@ -50,12 +51,12 @@ def trial_history_rows(exp: Path, trial_id: str) -> pd.DataFrame | None:
     checkpoint's registration and the history line) adds that epoch from the checkpoint's
     own ``metadata.json``, so a trial never loses its best checkpoint to the timing of a kill.
     """
-    from covid_ray.train import HISTORY_FILE, read_history
+    from covid_ray.artifacts.checkpoint import METADATA_FILE
 
-    run = exp / "train" / trial_id
+    run = Path(trial_dir(exp, trial_id))
     rows = read_history(run / HISTORY_FILE)
     seen = {int(r["epoch"]) for r in rows if "epoch" in r}
-    for meta_file in sorted(run.glob("checkpoint_*/metadata.json")):
+    for meta_file in sorted(run.glob(f"checkpoint_*/{METADATA_FILE}")):
         try:
             meta = json.loads(meta_file.read_text())
         except (OSError, json.JSONDecodeError):
@@ -84,24 +85,32 @@ def _history_of(trial_id: str, df: pd.DataFrame) -> pd.DataFrame:
     return df[HISTORY_COLUMNS]
 
 
-def collect(exp: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """(trials, history, meta) of the experiment in ``exp``."""
+def collect(exp: Path, locate: Callable[[str], str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """(trials, history, meta) of the experiment in ``exp``.
+
+    Args:
+        locate: where a checkpoint path Ray reported lives, for an experiment whose
+            checkpoints are in object storage (its URI); None keeps the paths and a
+            trial's checkpoint only when it exists on this disk.
+    """
     from ray.tune import ExperimentAnalysis
 
-    meta = json.loads((exp / "experiment.json").read_text())
-    space = yaml.safe_load((exp / "search_space.yaml").read_text())
+    meta = load_experiment_json(exp)
+    space = yaml.safe_load((exp / SEARCH_SPACE_FILE).read_text())
     metric, mode = meta["metric"], meta["mode"]
     max_epochs = int(space.get("fixed", {}).get("epochs", 0)) or None
     searched = list(space.get("space", {}))
-    analysis = ExperimentAnalysis(str(exp / "tune"))
+    analysis = ExperimentAnalysis(str(exp / TUNE_DIRNAME))
     frames = analysis.trial_dataframes
     rows, histories = [], []
     for trial in analysis.trials:
         full = frames.get(trial.trial_id)
         own = trial_history_rows(exp, trial.trial_id)
         hist = _history_of(trial.trial_id, own if own is not None else full)
+        if locate is not None:
+            hist["checkpoint"] = [locate(c) if c else "" for c in hist["checkpoint"]]
         histories.append(hist)
-        row = {"trial_id": trial.trial_id, "status": trial.status, "arm": trial_arm(trial.config)}
+        row = {"trial_id": trial.trial_id, "status": trial.status, ARM_COLUMN: trial_arm(trial.config)}
         for name in searched:
             row[f"config/{name}"] = trial.config.get(name)
         values = hist[metric].astype(float) if metric in hist else pd.Series(dtype=float)
@@ -109,8 +118,7 @@ def collect(exp: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
             best_idx = values.idxmax() if mode == "max" else values.idxmin()
             row[f"best_{metric}"] = float(values[best_idx])
             row["best_epoch"] = int(hist.loc[best_idx, "epoch"])
-            ckpts = hist.loc[hist["checkpoint"] != "", "checkpoint"]
-            best_ckpt = hist.loc[best_idx, "checkpoint"] or (ckpts.iloc[-1] if len(ckpts) else "")
+            best_ckpt = best_checkpoint(hist, row["best_epoch"])
         else:
             row[f"best_{metric}"], row["best_epoch"], best_ckpt = math.nan, math.nan, ""
         row["epochs"] = int(hist["epoch"].max()) if len(hist) else 0
@@ -123,8 +131,9 @@ def collect(exp: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
         )
         row["wall_time_s"] = float(last.get("time_total_s", math.nan)) if len(hist) else math.nan
         row["node_id"] = hist["node_id"].iloc[-1] if len(hist) else ""
-        row["checkpoint"] = best_ckpt if best_ckpt and Path(best_ckpt).exists() else ""
-        row["error"] = _error_text(trial, exp / "tune")
+        # In object storage it is where Ray put it; on disk only when it is still there.
+        row["checkpoint"] = best_ckpt if best_ckpt and (locate is not None or Path(best_ckpt).exists()) else ""
+        row["error"] = _error_text(trial, exp / TUNE_DIRNAME)
         rows.append(row)
     trials = pd.DataFrame(rows)
     if len(trials):
@@ -142,7 +151,8 @@ def leaderboard_markdown(trials: pd.DataFrame, meta: dict, top: int = 10) -> str
               "status"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
-    arms = trials["arm"] if "arm" in trials.columns else pd.Series(["search"] * len(trials), index=trials.index)
+    arms = trials[ARM_COLUMN] if ARM_COLUMN in trials.columns else pd.Series([SEARCH_ARM] * len(trials),
+                                                                             index=trials.index)
     ranked = list(enumerate(trials.iterrows(), start=1))
     # The recipe always shows, even below the top rows: it is the reference every row is read against.
     rows = [(i, r) for i, (_, r) in ranked[:top]]
@@ -212,7 +222,7 @@ def param_importances(exp: Path, study_name: str) -> pd.DataFrame | None:
     """Optuna's fANOVA importances from the persisted study (None when it cannot say)."""
     import optuna
 
-    db = exp / "optuna.db"
+    db = exp / OPTUNA_DB
     if not db.is_file():
         return None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -240,21 +250,24 @@ def plot_importances(imp: pd.DataFrame, out: Path, synthetic: bool) -> None:
     plt.close(fig)
 
 
-def write_tables(exp: str | Path) -> dict[str, Path]:
-    """Write every table and plot of the experiment; returns their paths."""
+def write_tables(exp: str | Path, locate: Callable[[str], str] | None = None) -> dict[str, Path]:
+    """Write every table and plot of the experiment; returns their paths.
+
+    ``locate``: see :func:`collect` (a storage URI experiment's tables name its checkpoints there).
+    """
     exp = Path(exp)
-    trials, history, meta = collect(exp)
-    out = {"trials": exp / "trials.csv", "history": exp / "history.csv", "leaderboard": exp / "leaderboard.md"}
+    trials, history, meta = collect(exp, locate)
+    out = {"trials": exp / TRIALS_FILE, "history": exp / HISTORY_TABLE, "leaderboard": exp / LEADERBOARD_FILE}
     trials.to_csv(out["trials"], index=False)
     history.to_csv(out["history"], index=False)
     out["leaderboard"].write_text(leaderboard_markdown(trials, meta))
     if len(history):
-        out["plot"] = exp / "metric_per_epoch.png"
+        out["plot"] = exp / METRIC_PLOT
         plot_history(history, meta["metric"], out["plot"], meta.get("synthetic", False))
     imp = param_importances(exp, meta["name"])
     if imp is not None and len(imp):
-        imp.to_csv(exp / "param_importances.csv", index=False)
-        out["importances"] = exp / "param_importances.png"
+        imp.to_csv(exp / IMPORTANCES_TABLE, index=False)
+        out["importances"] = exp / IMPORTANCES_PLOT
         plot_importances(imp, out["importances"], meta.get("synthetic", False))
     return out
 
@@ -265,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m covid_ray.results results/NAME", file=sys.stderr)
         return 2
     paths = write_tables(Path(argv[0]))
-    print((Path(argv[0]) / "leaderboard.md").read_text())
+    print((Path(argv[0]) / LEADERBOARD_FILE).read_text())
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return 0
 

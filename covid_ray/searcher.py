@@ -31,10 +31,14 @@ from typing import Any
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from covid_ray.artifacts.experiment import ARM_COLUMN, RECIPE_ARM, SEARCH_ARM, WARM_START_ARM
+
 logger = logging.getLogger(__name__)
 
-ARM_KEY = "arm"  # in a trial's config; covid_ray.tune removes it before the trial's TrialConfig
-RECIPE, WARM_START, SEARCH = "recipe", "warm_start", "search"
+# In a trial's config (covid_ray.tune removes it before the trial's TrialConfig) and as
+# trials.csv's column: one name for both.
+ARM_KEY = ARM_COLUMN
+RECIPE, WARM_START, SEARCH = RECIPE_ARM, WARM_START_ARM, SEARCH_ARM
 ARMS = (RECIPE, WARM_START, SEARCH)
 FIDELITY_ATTR = "epoch"
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import logging
 import sys
 import threading
@@ -39,8 +40,9 @@ from typing import Annotated
 
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 
+from covid_ray.answer import answer_image
 from covid_ray.data.io import MAX_PIXELS, BadImageError, decode_grayscale
-from covid_ray.gradcam import GradCam, GradCamUnavailable, gradcam_for, overlay_png, share_fields
+from covid_ray.gradcam import GradCam, GradCamUnavailable, gradcam_for
 from covid_ray.inference import LoadedModel, ModelLoadError, load_model
 from covid_ray.web import add_web_routes
 
@@ -105,6 +107,20 @@ def create_app(
     def describe() -> dict:
         return info
 
+    @contextlib.contextmanager
+    def cam_slot():
+        """A Grad-CAM admission, or 503: waiting for the lock would hold a pool thread."""
+        if not cam_slots.acquire(blocking=False):
+            raise HTTPException(503, detail=f"Grad-CAM busy ({gradcam_queue} requests in progress); retry later",
+                                headers={"Retry-After": "1"})
+        try:
+            yield
+        finally:
+            cam_slots.release()
+
+    def base64_overlay(png: bytes) -> dict:
+        return {"gradcam_png": base64.b64encode(png).decode("ascii")}
+
     @app.post("/predict", max_body_size=max_upload_bytes + MULTIPART_SLACK)
     def predict(
         file: Annotated[UploadFile, File(description="the radiograph (PNG, JPEG, ...)")],
@@ -114,29 +130,12 @@ def create_app(
         decoded = _decode(file, "file", max_pixels)
         mask_array = _decode(mask, "mask", max_pixels).array if mask is not None else None
         try:
-            prepared = model.prepare(decoded.array)
+            return answer_image(model, decoded.array, image=file.filename or "upload", notes=decoded.notes,
+                                explain=gradcam or mask_array is not None, cam=cam, cam_error=cam_error,
+                                mask=mask_array, overlay=base64_overlay if gradcam else None, outline=True,
+                                cam_slot=cam_slot)
         except BadImageError as exc:
             raise HTTPException(400, detail=f"file: {exc.reason}") from None
-        row = {"image": file.filename or "upload", **model.classify(prepared.x)}  # with the OOD verdict
-        if decoded.notes:
-            row["notes"] = decoded.notes
-        if gradcam or mask_array is not None:
-            if cam is None:
-                row["gradcam_error"] = cam_error or "Grad-CAM is not available for this model"
-                return row
-            if not cam_slots.acquire(blocking=False):
-                raise HTTPException(503, detail=f"Grad-CAM busy ({gradcam_queue} requests in progress); retry later",
-                                    headers={"Retry-After": "1"})
-            try:
-                result = cam(decoded.array, target=row["class"], mask=mask_array)
-            finally:
-                cam_slots.release()
-            if gradcam and result.cam is not None:
-                png = overlay_png(decoded.array, result.cam, model.preprocess, mask=mask_array)
-                row["gradcam_png"] = base64.b64encode(png).decode("ascii")
-            if mask_array is not None:
-                row.update(share_fields(result))
-        return row
 
     return app
 

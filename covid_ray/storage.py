@@ -32,23 +32,19 @@ import logging
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
 from ray.tune import Callback
 
+from covid_ray.artifacts.experiment import (
+    DRIVER_FILES, EXPERIMENT_FILE, HISTORY_FILE, HISTORY_TABLE, TRAIN_DIRNAME, TRIALS_FILE, TUNE_DIRNAME,
+    best_checkpoint, read_history_table, read_trials, trial_dir,
+)
 from covid_ray.uri import check_uri, download_file, download_files, exists, filesystem, is_uri, join, mirror_dir
 
 logger = logging.getLogger(__name__)
-
-# The driver-side files of an experiment folder; everything else (tune/, train/) is
-# written by Ray itself. Also what a URI experiment uploads and downloads for --resume.
-DRIVER_FILES = (
-    "experiment.json", "split.csv", "data_report.json", "search_space.yaml", "launch.json", "optuna.db",
-    "trials.csv", "history.csv", "leaderboard.md", "metric_per_epoch.png",
-    "param_importances.csv", "param_importances.png",
-)
 # How long a node waits for the driver's probe file (and the driver for the nodes'
 # replies). New names are looked up on the NFS server, so they show up at once; the
 # wait only covers slow close-to-open flushes.
@@ -91,11 +87,11 @@ class ExperimentStorage:
 
     @property
     def train_storage(self) -> str:
-        return join(self.root, "train")
+        return join(self.root, TRAIN_DIRNAME)
 
     @property
     def tune_dir(self) -> str:
-        return join(self.root, "tune")
+        return join(self.root, TUNE_DIRNAME)
 
     def before_prepare(self, *, resume: bool) -> None:
         """For a URI: download the driver files to resume, or check that a new search can write.
@@ -115,7 +111,7 @@ class ExperimentStorage:
                 self.local.mkdir(parents=True, exist_ok=True)
                 got = download_files(self.remote, DRIVER_FILES, self.local)
                 logger.info("downloaded %s from %s to %s", ", ".join(got) or "nothing", self.remote, self.local)
-                exists_already = "experiment.json" in got
+                exists_already = EXPERIMENT_FILE in got
             else:
                 exists_already = bool(fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
                 if not exists_already:
@@ -129,7 +125,7 @@ class ExperimentStorage:
             ) from None
         if resume:
             if not exists_already:
-                raise FileNotFoundError(f"nothing to resume: no experiment at {self.remote} (experiment.json is missing)")
+                raise FileNotFoundError(f"nothing to resume: no experiment at {self.remote} ({EXPERIMENT_FILE} is missing)")
             return
         if exists_already:
             raise FileExistsError(
@@ -160,28 +156,22 @@ class ExperimentStorage:
             return
         import pyarrow.fs as pafs
 
-        from covid_ray.train import HISTORY_FILE
-
         fs, path = filesystem(self.remote)
-        pafs.copy_files(f"{path}/tune", str(self.local / "tune"), source_filesystem=fs,
+        pafs.copy_files(f"{path}/{TUNE_DIRNAME}", str(self.local / TUNE_DIRNAME), source_filesystem=fs,
                         destination_filesystem=pafs.LocalFileSystem())
-        runs = fs.get_file_info(pafs.FileSelector(f"{path}/train", allow_not_found=True))
+        runs = fs.get_file_info(pafs.FileSelector(f"{path}/{TRAIN_DIRNAME}", allow_not_found=True))
         for run in (r for r in runs if r.type == pafs.FileType.Directory):
-            download_file(join(self.remote, "train", run.base_name, HISTORY_FILE),
-                          self.local / "train" / run.base_name / HISTORY_FILE)
+            download_file(join(trial_dir(self.remote, run.base_name), HISTORY_FILE),
+                          Path(trial_dir(self.local, run.base_name)) / HISTORY_FILE)
 
-    def publish_tables(self) -> None:
-        """Point the tables' checkpoint columns at the URI, then upload (no-op for a path).
-
-        ``results.write_tables`` keeps a trial's best checkpoint only when it exists
-        on this disk, which a checkpoint on S3 does not; this fills it in from the
-        history the same way (the best epoch's checkpoint, else the last one).
-        """
+    def checkpoint_location(self) -> Callable[[str], str] | None:
+        """For :func:`covid_ray.results.write_tables`: a checkpoint path Ray reported -> where it
+        lives (its URI), so a URI experiment's tables name checkpoints they can be fetched from;
+        None for a path (the paths are already right)."""
         if self.remote is None:
-            return
+            return None
         _, fs_path = filesystem(self.remote)
-        rewrite_checkpoints(self.local, lambda p: _replace_prefix(p, fs_path, self.remote))
-        self.push()
+        return lambda p: _replace_prefix(p, fs_path, self.remote)
 
     def tune_callbacks(self) -> list:
         """Tune callbacks: for a URI, upload the driver files after every finished trial."""
@@ -228,32 +218,27 @@ def _replace_prefix(value: str, old: str, new: str) -> str:
     return value
 
 
-def rewrite_checkpoints(exp: Path, mapping) -> None:
-    """Apply ``mapping`` to the checkpoint columns of ``trials.csv`` and ``history.csv``.
+def localize_tables(exp: Path, mapping) -> None:
+    """Apply ``mapping`` to the checkpoint columns of ``trials.csv`` and ``history.csv`` (text in, text out).
 
-    An empty trial checkpoint is filled from the history: the checkpoint of the best
-    epoch, else the trial's last checkpoint (the rule of ``results.collect``).
+    Tables written before a URI experiment's tables named its checkpoints left a trial's
+    checkpoint empty; it is filled from the history with the tables' own rule
+    (:func:`covid_ray.artifacts.experiment.best_checkpoint`).
     """
-    hist_file, trials_file = exp / "history.csv", exp / "trials.csv"
-    if not (hist_file.is_file() and trials_file.is_file()):
+    try:
+        history, trials = read_history_table(exp, as_text=True), read_trials(exp, as_text=True)
+    except ValueError:  # no tables yet
         return
-    history = pd.read_csv(hist_file, keep_default_na=False, dtype=str)  # text in, text out
-    trials = pd.read_csv(trials_file, keep_default_na=False, dtype=str)
     if history.empty or trials.empty:
         return
     history["checkpoint"] = [mapping(c) if c else "" for c in history["checkpoint"]]
-    filled = []
-    for _, t in trials.iterrows():
-        ckpt = t["checkpoint"]
-        if ckpt:
-            filled.append(mapping(ckpt))
-            continue
-        h = history[(history["trial_id"] == t["trial_id"]) & (history["checkpoint"] != "")]
-        best = h[pd.to_numeric(h["epoch"], errors="coerce") == pd.to_numeric(t["best_epoch"], errors="coerce")]
-        filled.append(best["checkpoint"].iloc[-1] if len(best) else (h["checkpoint"].iloc[-1] if len(h) else ""))
-    trials["checkpoint"] = filled
-    history.to_csv(hist_file, index=False)
-    trials.to_csv(trials_file, index=False)
+    trials["checkpoint"] = [
+        mapping(t["checkpoint"]) if t["checkpoint"]
+        else best_checkpoint(history[history["trial_id"] == t["trial_id"]], t.get("best_epoch", ""))
+        for _, t in trials.iterrows()
+    ]
+    history.to_csv(exp / HISTORY_TABLE, index=False)
+    trials.to_csv(exp / TRIALS_FILE, index=False)
 
 
 def pull_experiment(uri: str, dest: str | Path) -> Path:
@@ -265,11 +250,11 @@ def pull_experiment(uri: str, dest: str | Path) -> Path:
 
     dest = Path(dest).resolve()
     fs, path = filesystem(uri)
-    if not exists(fs, f"{path}/experiment.json"):
-        raise FileNotFoundError(f"no experiment at {uri} (experiment.json is missing)")
+    if not exists(fs, f"{path}/{EXPERIMENT_FILE}"):
+        raise FileNotFoundError(f"no experiment at {uri} ({EXPERIMENT_FILE} is missing)")
     pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     uri = uri.rstrip("/")
-    rewrite_checkpoints(dest, lambda p: _replace_prefix(_replace_prefix(p, uri, str(dest)), path, str(dest)))
+    localize_tables(dest, lambda p: _replace_prefix(_replace_prefix(p, uri, str(dest)), path, str(dest)))
     return dest
 
 

@@ -27,8 +27,9 @@ from pathlib import Path
 from types import ModuleType
 from urllib.parse import urlparse
 
+from covid_ray.artifacts.experiment import MLRUNS_DIRNAME
+
 MLFLOW_EXTRA = "pip install 'covid-ray[mlflow]'"
-STORE_DIRNAME = "mlruns"
 
 
 class MlflowUnavailableError(RuntimeError):
@@ -40,7 +41,7 @@ def tracking_uri(experiment_folder: str | Path) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if env:
         return env
-    return (Path(experiment_folder).resolve() / STORE_DIRNAME).as_uri()
+    return (Path(experiment_folder).resolve() / MLRUNS_DIRNAME).as_uri()
 
 
 def is_file_store(uri: str) -> bool:

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from covid_ray.checkpoint import load_checkpoint, load_train_state, save_checkpoint
+from covid_ray.artifacts.checkpoint import load_checkpoint, load_train_state, save_checkpoint
+from covid_ray.artifacts.experiment import read_history
 from covid_ray.config import AMP_MODES, OPTIMIZERS, TrialConfig, flat_defaults
 from covid_ray.engine import TrainingRun, run_epoch, setup_run
 from covid_ray.uri import is_file as uri_is_file
@@ -194,22 +195,6 @@ def history_callback(where: str | Path):
     if not is_uri(where):
         Path(where).parent.mkdir(parents=True, exist_ok=True)
     return _history_callback_class()(str(where))
-
-
-def read_history(where: str | Path) -> list[dict]:
-    """The rows of a history file (a path or a URI); [] when there is none."""
-    if is_uri(where):
-        text = read_text(str(where)) if uri_is_file(str(where)) else ""
-    else:
-        path = Path(where)
-        text = path.read_text() if path.is_file() else ""
-    rows = []
-    for line in text.splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # the last line of a file whose writer was killed mid-write
-            continue
-    return rows
 
 
 def build_trainer(

@@ -17,7 +17,6 @@ Everything lands in ``results/<experiment>/`` (see :mod:`covid_ray.results`).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -25,6 +24,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from covid_ray.artifacts.experiment import (
+    EXPERIMENT_FILE, LAUNCH_FILE, LEADERBOARD_FILE, OPTUNA_DB, SEARCH_LOG, SEARCH_SPACE_FILE, SPLIT_FILE,
+    load_experiment_json, write_experiment,
+)
+from covid_ray.artifacts.plain import write_json
 from covid_ray.config import flat_defaults
 from covid_ray.search_space import (
     SearchSpace,
@@ -39,7 +43,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_SEARCH_SPACE = Path("search_spaces") / "quick.yaml"
 DEFAULT_RECIPE = Path("search_spaces") / "recipe.yaml"
-SEARCH_LOG = "search.log"  # Ray's and Tune's own output, when the console is on
 # The trial driver only launches and relays; the DDP workers hold the real resources.
 # tune.with_resources rejects 0 CPUs, so it gets a sliver.
 DRIVER_CPUS = 0.05
@@ -63,9 +66,9 @@ def trial_driver(config: dict, launch: LaunchSpec) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from covid_ray.artifacts.experiment import trial_history
     from covid_ray.searcher import ARM_KEY
-    from covid_ray.train import HISTORY_FILE, build_trainer, history_callback
-    from covid_ray.uri import join
+    from covid_ray.train import build_trainer, history_callback
 
     trial_id = ray.tune.get_context().get_trial_id()
     config = {k: v for k, v in config.items() if k != ARM_KEY}  # the trial's label, not a training key
@@ -82,7 +85,7 @@ def trial_driver(config: dict, launch: LaunchSpec) -> None:
         max_failures=launch.max_failures,
         # The history beside the trial's checkpoints: written as each epoch is reported, it
         # survives a killed driver whose Tune result files lose their last epochs.
-        callbacks=[TuneReportCallback(), history_callback(join(launch.train_storage, trial_id, HISTORY_FILE))],
+        callbacks=[TuneReportCallback(), history_callback(trial_history(launch.train_storage, trial_id))],
         worker_env=dict(launch.worker_env) or None,
     )
     trainer.fit()
@@ -158,7 +161,7 @@ def _make_searcher(ss: SearchSpace, exp: Path, experiment: str, reference: dict 
         )
     searcher = CovidSearch(
         metric=tune_metric(ss), mode=ss.mode, sampler=sampler, study_name=experiment,
-        storage=optuna.storages.RDBStorage(f"sqlite:///{exp / 'optuna.db'}"),
+        storage=optuna.storages.RDBStorage(f"sqlite:///{exp / OPTUNA_DB}"),
         full_fidelity=full_fidelity(ss), start_with=ss.searcher.get("start_with", []), reference=reference,
     )
     return ConcurrencyLimiter(searcher, max_concurrent=ss.max_concurrent)
@@ -251,12 +254,12 @@ def prepare_experiment(opts: SearchOptions) -> tuple[Path, SearchSpace, dict]:
     from covid_ray.data.split import manifest_classes, read_manifest
 
     exp = experiment_dir(opts.storage_path, opts.experiment)
-    meta_file = exp / "experiment.json"
+    meta_file = exp / EXPERIMENT_FILE
     if opts.resume:
         if not meta_file.is_file():
             raise FileNotFoundError(f"nothing to resume: {meta_file} does not exist")
-        meta = json.loads(meta_file.read_text())
-        ss = apply_overrides(load_search_space(exp / "search_space.yaml"), opts)
+        meta = load_experiment_json(exp)
+        ss = apply_overrides(load_search_space(exp / SEARCH_SPACE_FILE), opts)
         return exp, ss, meta
     if exp.exists() and any(exp.iterdir()):
         raise FileExistsError(
@@ -273,27 +276,27 @@ def prepare_experiment(opts: SearchOptions) -> tuple[Path, SearchSpace, dict]:
         data = Path(opts.data)
     root = find_dataset_root(data).resolve()
     exp.mkdir(parents=True, exist_ok=True)
-    result = split_dataset(root, exp / "split.csv", seed=opts.seed, progress=True)
+    result = split_dataset(root, exp / SPLIT_FILE, seed=opts.seed, progress=True)
     print(result.summary)
     if not result.usable:
         raise FileNotFoundError(result.summary)
-    dump_search_space(ss, exp / "search_space.yaml")
+    dump_search_space(ss, exp / SEARCH_SPACE_FILE)
     for name, line in prefetch_imagenet(ss).items():
         print(f"{name}: {line}")
-    prebuild_cache(ss, root, exp / "split.csv", opts.cache_dir)
+    prebuild_cache(ss, root, exp / SPLIT_FILE, opts.cache_dir)
     meta = {
         "name": opts.experiment,
         "data": str(root),
-        "split": "split.csv",
+        "split": SPLIT_FILE,
         "synthetic": is_synthetic(root),
         "metric": ss.metric,
         "mode": ss.mode,
-        "classes": manifest_classes(read_manifest(exp / "split.csv")),
+        "classes": manifest_classes(read_manifest(exp / SPLIT_FILE)),
         "search_space_source": str(opts.search_space),
         "recipe": None if reference is None else {"source": str(opts.recipe), "config": reference},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    meta_file.write_text(json.dumps(meta, indent=2) + "\n")
+    write_experiment(exp, meta)
     return exp, ss, meta
 
 
@@ -359,7 +362,7 @@ def _run_tuner(opts, store, exp: Path, ss: SearchSpace, meta: dict, reference: d
             k: os.environ[k] for k in FAULT_ENV if k in os.environ
         }).items())),
     )
-    (exp / "launch.json").write_text(json.dumps(asdict(launch), indent=2) + "\n")
+    write_json(exp / LAUNCH_FILE, asdict(launch))
     store.push()
     trainable = tune.with_resources(tune.with_parameters(trial_driver, launch=launch), {"CPU": DRIVER_CPUS})
     tune_dir = store.tune_dir
@@ -395,10 +398,10 @@ def _run_tuner(opts, store, exp: Path, ss: SearchSpace, meta: dict, reference: d
     elapsed = time.time() - t0
     wall = elapsed + float(meta.get("search_wall_time_s", 0.0)) if opts.resume else elapsed
     meta["search_wall_time_s"] = wall
-    (exp / "experiment.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_experiment(exp, meta)
     store.pull_tune_state()
-    write_tables(exp)
-    store.publish_tables()
+    write_tables(exp, store.checkpoint_location())  # a URI's tables name the checkpoints there
+    store.push()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -456,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         if ray.is_initialized():
             ray.shutdown()
     print()
-    print((exp / "leaderboard.md").read_text())
+    print((exp / LEADERBOARD_FILE).read_text())
     print(f"tables: {exp}/trials.csv, history.csv, leaderboard.md")
     return 0
 

@@ -19,7 +19,6 @@ checkpoints, ``preprocess.json`` and ``ood_head.npz``: the torch path of the exp
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,16 +28,21 @@ import numpy as np
 import pandas as pd
 import torch
 
+from covid_ray.artifacts.bundle import (
+    FP32_FILE, GRAPH_FILES, INPUT_NAME, OOD_OUTPUT, OOD_PARAMS_FILE, PREPROCESS_FILE, read_json_object,
+    write_preprocess_json,
+)
+from covid_ray.artifacts.experiment import Experiment
 from covid_ray.data.transforms import EvalPreset
 
 from ensemble.members import sample_rows
 from ensemble.ood import (
-    ACCEPT_RATE, DESCRIPTIONS, HIGHER_IS, PARAMS_FILE, GaussianFit, accept_rate, candidate_scores, choose_score,
+    ACCEPT_RATE, DESCRIPTIONS, HIGHER_IS, GaussianFit, accept_rate, candidate_scores, choose_score,
     fit_gaussian, fit_threshold, load_params, save_params, score_report,
 )
 from ensemble.ood_sets import benchmark_sets, negative, proxy_sets, rot90, rot180
 from ensemble.outputs import ImageSet, array_images, member_outputs, split_images
-from ensemble.select import Experiment, Member
+from ensemble.select import Member
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +50,6 @@ FIT_IMAGES = 512  # training images for the Gaussians: enough for a shrunk covar
 SET_IMAGES = 128  # radiographs per transformed set (proxies from validation, flipped test images)
 AUROC_TARGET = 0.95
 ACCEPT_TOLERANCE = 0.02
-GRAPH_FILES = ("ensemble_int8.onnx", "ensemble_fp32.onnx")  # inference's order of preference
 
 
 @dataclass
@@ -113,7 +116,7 @@ def onnx_scorer(path: Path, spec: dict, threads: int | None = None) -> Callable[
     preset = EvalPreset(image_size=spec["image_size"], in_chans=spec["in_chans"])
 
     def score(images: ImageSet) -> np.ndarray:
-        out = [sess.run(["ood_score"], {"images": preset(torch.from_numpy(b).unsqueeze(1)).numpy()})[0]
+        out = [sess.run([OOD_OUTPUT], {INPUT_NAME: preset(torch.from_numpy(b).unsqueeze(1)).numpy()})[0]
                for b in images.batches(spec["resize"], 64)]
         return np.concatenate(out).astype(np.float64)
 
@@ -156,8 +159,8 @@ def finish_ood(fit: OodFit, experiment: Experiment, manifest: pd.DataFrame, out_
         runtime = graphs[0]
         val_scores, test_scores = val_by_graph[runtime], scorers[runtime](test)
         ood_scores = {name: scorers[runtime](s) for name, s in sets.items()}
-        if "ensemble_fp32.onnx" in graphs:
-            diff = np.abs(val_by_graph["ensemble_fp32.onnx"] - torch_val[fit.score])
+        if FP32_FILE in graphs:
+            diff = np.abs(val_by_graph[FP32_FILE] - torch_val[fit.score])
             section["fp32_vs_torch_max_abs_diff"] = float(diff.max())
     else:
         runtime = "torch (no exported graph)"
@@ -216,17 +219,15 @@ def preprocess_ood(section: dict) -> dict:
     """The ``ood`` object of ``preprocess.json`` (the contract inference and the web page read)."""
     keys = ("score", "description", "threshold", "higher_is", "fitted_on", "accept_target", "val_accept_rate",
             "val_images", "thresholds_by_graph", "runtime")
-    return {**{k: section[k] for k in keys}, "output": "ood_score", "parameters": PARAMS_FILE,
+    return {**{k: section[k] for k in keys}, "output": OOD_OUTPUT, "parameters": OOD_PARAMS_FILE,
             "abstain_when": "ood_score > threshold"}
 
 
 def write_ood_export(out_dir: Path, fit: OodFit, section: dict) -> None:
     """``ood_head.npz`` and the ``ood`` object of ``preprocess.json``."""
-    from ensemble.export import write_preprocess_json
-
-    save_params(out_dir / PARAMS_FILE, fit.score, fit.weights, fit.temperature, fit.fits)
-    path = out_dir / "preprocess.json"
-    meta = json.loads(path.read_text())
+    save_params(out_dir / OOD_PARAMS_FILE, fit.score, fit.weights, fit.temperature, fit.fits)
+    path = out_dir / PREPROCESS_FILE
+    meta = read_json_object(path)
     meta["ood"] = preprocess_ood(section)
     write_preprocess_json(meta, path)
 
@@ -239,15 +240,15 @@ def torch_ensemble(folder: str | Path) -> tuple[torch.nn.Module, dict]:
     """
     from ensemble.export import EnsembleModule
     from ensemble.graph import trusted
-    from ensemble.select import load_member
+    from ensemble.select import load_trial
 
     folder = Path(folder)
-    meta = json.loads((folder / "preprocess.json").read_text())
-    members = [load_member({"trial_id": m["trial_id"], "checkpoint": m["checkpoint"]}, 0.0, meta["classes"])
+    meta = read_json_object(folder / PREPROCESS_FILE)
+    members = [load_trial({"trial_id": m["trial_id"], "checkpoint": m["checkpoint"]}, 0.0, meta["classes"])
                for m in meta["members"]]
     ensemble = EnsembleModule(members, [m["weight"] for m in meta["members"]], meta["temperature"], meta["classes"])
     views = (meta.get("tta") or {}).get("views") or ()
     score, fits = None, None
     if meta.get("ood"):
-        score, _, _, fits = load_params(folder / meta["ood"].get("parameters", PARAMS_FILE))
+        score, _, _, fits = load_params(folder / meta["ood"].get("parameters", OOD_PARAMS_FILE))
     return trusted(ensemble, views=views, ood_score=score, fits=fits).eval(), meta

@@ -30,20 +30,18 @@ when the export was refused or the int8 model failed its parity gate.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
-from covid_ray.data.scan import find_dataset_root
+from covid_ray.artifacts.bundle import CACHE_DIRNAME, CONFUSION_PLOT, METRICS_FILE, RELIABILITY_PLOT, REPORT_FILE, ROC_PLOT
+from covid_ray.artifacts.experiment import ENSEMBLE_DIRNAME, Experiment, read_experiment, read_trials
+from covid_ray.artifacts.plain import json_safe, write_json
 from covid_ray.data.split import read_manifest
 from covid_ray.metrics import Resamples
 from covid_ray.uri import is_uri, join, upload_dir
@@ -52,28 +50,24 @@ from ensemble.calibrate import apply_temperature, calibration_summary, fit_tempe
 from ensemble.combine import DEFAULT_METHOD, METHODS, combine, soft_vote
 from ensemble.deploy import EXPORTS, export_ensemble
 from ensemble.evaluate import covid_index, evaluate_probs, member_entry, sklearn_report, split_resamples
-from ensemble.members import SplitProbs, member_probabilities, sample_rows
+from ensemble.lung_cam import lung_cam_summary
+from ensemble.members import SplitProbs, member_probabilities
 from ensemble.tta import SPEC_HELP as TTA_HELP, parse_tta
 from ensemble.plots import confusion_matrix_png, reliability_png, roc_png
 from ensemble.reference import best_member_comparison, recipe_comparison, summary_lines as reference_summary_lines
 from ensemble import trust
 from ensemble.report import render_report
 from ensemble.select import (
-    Experiment,
     Member,
     Selection,
     SelectionError,
-    metric_mode,
-    read_experiment,
-    read_trials,
     experiment_location,
+    metric_mode,
     resolve_experiment_dir,
     select_top,
 )
 
 logger = logging.getLogger("ensemble.build")
-
-OUTPUT_DIRNAME = "ensemble"
 
 
 @dataclass(kw_only=True)
@@ -114,19 +108,11 @@ class BuildResult:
     out_dir: Path
     metrics: dict[str, Any]
     exit_code: int
-
-
-def _plain(value: Any) -> Any:
-    """JSON-safe copy: NaN/inf become null, numpy scalars become Python numbers."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+    # The calibrated ensemble on the test split, row for row with the manifest's test
+    # images (their SHA-1): what a caller compares two builds on, paired per image.
+    test_labels: np.ndarray | None = None
+    test_probs: np.ndarray | None = None
+    test_sha1: list[str] | None = None
 
 
 def _short(metrics: dict) -> dict:
@@ -139,15 +125,15 @@ def draw_figures(out_dir: Path, metrics: dict, test: SplitProbs, test_mix: np.nd
     """confusion_matrix.png, roc.png and reliability.png of the ensemble on the test split."""
     classes = metrics["classes"]
     tag = " (synthetic data)" if metrics["synthetic"] else ""
-    confusion_matrix_png(metrics["ensemble"]["confusion_matrix"], classes, out_dir / "confusion_matrix.png",
+    confusion_matrix_png(metrics["ensemble"]["confusion_matrix"], classes, out_dir / CONFUSION_PLOT,
                          title=f"Ensemble, test split{tag}")
-    roc_png(test.labels, test_cal, classes, out_dir / "roc.png", title=f"Ensemble ROC, one-vs-rest{tag}")
+    roc_png(test.labels, test_cal, classes, out_dir / ROC_PLOT, title=f"Ensemble ROC, one-vs-rest{tag}")
     t = metrics["calibration"]["temperature"]
     curves = {"before calibration": test_mix, f"after (T={t:.2f})": test_cal} if calibrated else {"ensemble": test_mix}
     # Members are in rank order: the first is the one a user would deploy alone (best on validation).
     top = metrics["members"][0]
     curves[f"top-ranked member ({top['model']}, {top['trial_id']})"] = test.probs[0]
-    reliability_png(test.labels, curves, out_dir / "reliability.png", title=f"Reliability, test split{tag}")
+    reliability_png(test.labels, curves, out_dir / RELIABILITY_PLOT, title=f"Reliability, test split{tag}")
 
 
 def evaluate_ensemble(
@@ -230,35 +216,6 @@ def search_cache_dir(members: list[Member]) -> str | None:
     return None
 
 
-def lung_cam_summary(experiment: Experiment, manifest: pd.DataFrame, members: list[Member], weights: np.ndarray,
-                     limit: int) -> dict:
-    """Mean in-lung share of the ensemble's Grad-CAM over a seeded sample of test images with masks.
-
-    The map is for the ensemble's predicted class, members weighted as in the
-    ensemble (see :mod:`covid_ray.gradcam`). Only the test split is read, and nothing
-    is fitted on it.
-    """
-    from covid_ray.gradcam import GradCam, cam_members_from_models, lung_share_summary
-
-    test = manifest[manifest["split"] == "test"]
-    if "mask" in test.columns:
-        test = test[test["mask"].astype(str).str.strip() != ""]
-    else:
-        test = test.iloc[:0]
-    if test.empty:
-        return {"images": 0, "available": 0, "note": "no test image has a lung mask in the split manifest"}
-    root = find_dataset_root(experiment.data)
-    picked = test.iloc[sample_rows(len(test), limit)]
-    items = [(root / p, root / m) for p, m in zip(picked["path"], picked["mask"])]
-    cam = GradCam(cam_members_from_models([(m.trial_id, m.model, float(w), m.payload) for m, w in zip(members, weights)]),
-                  experiment.classes)
-    start = time.perf_counter()
-    summary = lung_share_summary(cam, items, available=len(test))
-    summary.update(sample_seed=0, seconds=round(time.perf_counter() - start, 1),
-                   member_models={m.trial_id: m.model_name for m in members})
-    return summary
-
-
 def build_ensemble(folder: str | Path, opts: BuildOptions) -> BuildResult:
     """The whole build for one experiment folder.
 
@@ -275,22 +232,23 @@ def build_ensemble(folder: str | Path, opts: BuildOptions) -> BuildResult:
         logger.warning("%s", note)
     manifest = read_manifest(experiment.split)
     data_cache_dir = opts.data_cache_dir or search_cache_dir(selection.members)
-    out_dir = experiment.folder / OUTPUT_DIRNAME
+    out_dir = experiment.folder / ENSEMBLE_DIRNAME
     out_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = out_dir / CACHE_DIRNAME
     probs = member_probabilities(
         selection.members, experiment, manifest, ("val", "test"),
-        cache_dir=out_dir / "cache", data_cache_dir=data_cache_dir, progress=opts.progress,
+        cache_dir=cache_dir, data_cache_dir=data_cache_dir, progress=opts.progress,
     )
     plain_probs, probs = probs, trust.tta_inputs(opts.tta, selection, experiment, manifest, probs,
-                                                 cache_dir=out_dir / "cache", data_cache_dir=data_cache_dir)
+                                                 cache_dir=cache_dir, data_cache_dir=data_cache_dir)
     resamples, metrics_bootstrap = split_resamples(manifest, "test", probs["test"].sha1, n_boot=opts.n_boot)
     metrics, weights, temperature = evaluate_ensemble(experiment, selection, probs, opts, out_dir, metric,
                                                       resamples=resamples)
     metrics["bootstrap"] = metrics_bootstrap
+    test_probs = apply_temperature(soft_vote(probs["test"].probs, weights), temperature)
     metrics["recipe"] = recipe_comparison(
-        experiment, selection, trials, probs,
-        apply_temperature(soft_vote(probs["test"].probs, weights), temperature), weights, resamples,
-        manifest=manifest, metric=metric, cache_dir=out_dir / "cache", data_cache_dir=data_cache_dir,
+        experiment, selection, trials, probs, test_probs, weights, resamples,
+        manifest=manifest, metric=metric, cache_dir=cache_dir, data_cache_dir=data_cache_dir,
     )
     if opts.lung_cam_images > 0:
         try:
@@ -302,7 +260,7 @@ def build_ensemble(folder: str | Path, opts: BuildOptions) -> BuildResult:
     ood_fit = trust.before_export(
         metrics, selection, experiment, manifest, plain_probs, probs, weights, temperature, views=opts.tta,
         calibrate=opts.calibrate, ood=opts.ood, shortcut=opts.shortcut, latency_repeats=opts.latency_repeats,
-        cache_dir=out_dir / "cache", data_cache_dir=data_cache_dir,
+        cache_dir=cache_dir, data_cache_dir=data_cache_dir,
     )
     metrics["export"] = export_ensemble(
         selection.members, weights, temperature, experiment, manifest, out_dir,
@@ -310,14 +268,15 @@ def build_ensemble(folder: str | Path, opts: BuildOptions) -> BuildResult:
         calibration_images=opts.calibration_images, latency_repeats=opts.latency_repeats,
         views=opts.tta, ood=ood_fit,
     )
-    trust.after_export(metrics, ood_fit, experiment, manifest, out_dir, cache_dir=out_dir / "cache",
+    trust.after_export(metrics, ood_fit, experiment, manifest, out_dir, cache_dir=cache_dir,
                        data_cache_dir=data_cache_dir)
-    metrics = _plain(metrics)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out_dir / "report.md").write_text(render_report(metrics))
+    metrics = json_safe(metrics)
+    write_json(out_dir / METRICS_FILE, metrics)
+    (out_dir / REPORT_FILE).write_text(render_report(metrics))
     trust.write_card(out_dir, metrics)
     export_ok = metrics["export"]["status"] in ("ok", "skipped")
-    return BuildResult(out_dir, metrics, 1 if opts.strict and not export_ok else 0)
+    return BuildResult(out_dir, metrics, 1 if opts.strict and not export_ok else 0,
+                       test_labels=probs["test"].labels, test_probs=test_probs, test_sha1=list(probs["test"].sha1))
 
 
 # --------------------------------------------------------------------------- CLI

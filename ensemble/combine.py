@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import minimize
 
+from covid_ray import vote
 from covid_ray.metrics import NLL_EPS, accuracy, compute_metrics, macro_f1, nll
 
 logger = logging.getLogger(__name__)
@@ -55,14 +56,13 @@ def _check(probs: np.ndarray) -> np.ndarray:
 
 
 def soft_vote(probs: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
-    """Weighted mean of member probabilities, (images, classes); equal weights by default."""
+    """Weighted mean of member probabilities, (images, classes); equal weights by default.
+
+    The stacked-array form of :func:`covid_ray.vote.soft_vote`, which the exported graph computes.
+    """
     probs = _check(probs)
-    if weights is None:
-        return probs.mean(axis=0)
-    w = np.asarray(weights, dtype=np.float64)
-    if w.shape != (probs.shape[0],) or (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"weights must be {probs.shape[0]} non-negative numbers with a positive sum, got {w}")
-    return np.tensordot(w / w.sum(), probs, axes=1)
+    m = probs.shape[0]
+    return vote.soft_vote(list(probs), vote.vote_weights(np.ones(m) if weights is None else weights, m))
 
 
 def mixture_nll(probs: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> float:

@@ -14,20 +14,15 @@ import numpy as np
 import pandas as pd
 import torch
 
+from covid_ray.artifacts.bundle import (
+    FP32_FILE, INPUT_NAME, INT8_FILE, OOD_PARAMS_FILE, OUTPUT_NAME, PREPROCESS_FILE, write_preprocess_json,
+)
+from covid_ray.artifacts.experiment import Experiment
 from covid_ray.data.transforms import EvalPreset
 
-from ensemble.export import (
-    INPUT_NAME,
-    OUTPUT_NAME,
-    EnsembleModule,
-    ExportRefused,
-    export_onnx,
-    preprocess_json,
-    write_preprocess_json,
-)
+from ensemble.export import EnsembleModule, ExportRefused, export_onnx, preprocess_json
 from ensemble.graph import trusted
-from ensemble.ood import PARAMS_FILE as OOD_PARAMS_FILE  # written by ensemble.abstain after the export
-from ensemble.members import preprocessed_batches, sample_rows, split_dataset
+from ensemble.members import load_split_dataset, preprocessed_batches, sample_rows
 from ensemble.quantize import (
     cpu_threads,
     file_size,
@@ -37,19 +32,18 @@ from ensemble.quantize import (
     run_onnx,
     session,
 )
-from ensemble.select import Experiment, Member
+from ensemble.select import Member
 
 logger = logging.getLogger(__name__)
 
 EXPORTS = ("onnx-int8", "onnx", "none")
-FP32_FILE, INT8_FILE, PREPROCESS_FILE = "ensemble_fp32.onnx", "ensemble_int8.onnx", "preprocess.json"
 # Agreement expected between the exported fp32 graph and torch (the acceptance criterion).
 FP32_TOLERANCE = 1e-4
 
 
 def remove_stale(out_dir: Path) -> None:
     """Delete export files of an earlier build, so the folder never mixes two ensembles."""
-    for name in (FP32_FILE, INT8_FILE, PREPROCESS_FILE, OOD_PARAMS_FILE):
+    for name in (FP32_FILE, INT8_FILE, PREPROCESS_FILE, OOD_PARAMS_FILE):  # the OOD head: ensemble.abstain's
         for path in (out_dir / name, out_dir / (name + ".data")):
             path.unlink(missing_ok=True)
 
@@ -115,7 +109,7 @@ def export_ensemble(
     spec = module.spec
     info.update(input=INPUT_NAME, output=OUTPUT_NAME, preprocess=spec, status="ok", files={})
     preset = EvalPreset(image_size=spec["image_size"], in_chans=spec["in_chans"])
-    test_set = split_dataset(experiment, manifest, "test", resize=spec["resize"], data_cache_dir=data_cache_dir)
+    test_set = load_split_dataset(experiment, manifest, "test", resize=spec["resize"], data_cache_dir=data_cache_dir)
 
     def batches():
         return preprocessed_batches(test_set, preset)
@@ -143,7 +137,8 @@ def export_ensemble(
     if kind == "onnx-int8":
         try:
             # Activation ranges from training images only: the test split judges the result.
-            train_set = split_dataset(experiment, manifest, "train", resize=spec["resize"], data_cache_dir=data_cache_dir)
+            train_set = load_split_dataset(experiment, manifest, "train", resize=spec["resize"],
+                                           data_cache_dir=data_cache_dir)
             rows = sample_rows(len(train_set), calibration_images)
             calibration = np.concatenate([x for x, _ in preprocessed_batches(train_set, preset, rows=rows)])
             gate, session_int8 = _gated_int8(fp32_path, candidate, calibration, batches, fp32, labels, threads)

@@ -133,8 +133,8 @@ def member_entry(member, weight: float, metrics: dict[str, Any], val_metric: str
         "trial_id": member.trial_id,
         "model": member.model_name,
         "status": member.status,  # a trial that ended in ERROR still has its best checkpoint
-        "image_size": int(member.preprocess["image_size"]),
-        "in_chans": int(member.preprocess["in_chans"]),
+        "image_size": member.preprocess.image_size,
+        "in_chans": member.preprocess.in_chans,
         "checkpoint": str(member.checkpoint),
         f"best_{val_metric}": member.score,  # the trials.csv value it was ranked by
         "weight": float(weight),

@@ -34,7 +34,6 @@ numbers for the torch path, :func:`ensemble.trust.torch_ensemble`). See :mod:`en
 """
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from collections.abc import Sequence
@@ -44,16 +43,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from covid_ray.artifacts import bundle
+from covid_ray.artifacts.bundle import INPUT_NAME, OUTPUT_NAME
+from covid_ray.artifacts.preprocess import Preprocess
 from covid_ray.data.transforms import normalization_for
+from covid_ray.vote import class_order, soft_vote, vote_weights
 
 from ensemble.calibrate import PROB_EPS
-from ensemble.members import class_permutation, member_resize
 from ensemble.select import Member
 
 logger = logging.getLogger(__name__)
 
-INPUT_NAME, OUTPUT_NAME = "images", "probs"
-PREPROCESS_FORMAT = "covid-ray-ensemble/1"
 # ONNX protobufs are capped at 2 GiB; larger ensembles keep weights in a side file.
 INLINE_LIMIT_BYTES = 1_800_000_000
 
@@ -68,10 +68,10 @@ def input_spec(members: Sequence[Member]) -> dict:
     Raises:
         ExportRefused: members differ in image size or working resolution.
     """
-    sizes = {(int(m.preprocess["image_size"]), member_resize(m)) for m in members}
+    sizes = {(m.preprocess.image_size, m.preprocess.resize) for m in members}
     if len(sizes) > 1:
         listing = ", ".join(
-            f"trial {m.trial_id} ({m.model_name}) {m.preprocess['image_size']}px from {member_resize(m)}px"
+            f"trial {m.trial_id} ({m.model_name}) {m.preprocess.image_size}px from {m.preprocess.resize}px"
             for m in members
         )
         raise ExportRefused(
@@ -80,7 +80,7 @@ def input_spec(members: Sequence[Member]) -> dict:
             "Ensemble members of one size (a search with a fixed image_size), or build with --export none."
         )
     (image_size, resize), = sizes
-    chans = {int(m.preprocess["in_chans"]) for m in members}
+    chans = {m.preprocess.in_chans for m in members}
     in_chans = chans.pop() if len(chans) == 1 else 1  # mixed: feed grayscale, adapt inside
     mean, std = normalization_for(in_chans)
     return {"image_size": image_size, "resize": resize, "in_chans": in_chans, "mean": list(mean), "std": list(std)}
@@ -113,7 +113,6 @@ class EnsembleModule(nn.Module):
         if not keep:
             raise ValueError("every member has weight 0")
         self.spec = input_spec([members[i] for i in keep])
-        total = float(sum(weights[i] for i in keep))
         self.trial_ids = [members[i].trial_id for i in keep]
         # Where each member's torch weights live, for Grad-CAM (covid_ray.gradcam) at inference.
         self.sources = [
@@ -122,26 +121,22 @@ class EnsembleModule(nn.Module):
             if members[i].checkpoint is not None else {"model": members[i].model_name}
             for i in keep
         ]
-        self.weights = [float(weights[i]) / total for i in keep]
+        self.weights = vote_weights([weights[i] for i in keep])
         self.temperature = float(temperature)
         self.members = nn.ModuleList(members[i].model.eval() for i in keep)
         adapters, self._permute = [], []
         for i in keep:
             pre = members[i].preprocess
-            same = int(pre["in_chans"]) == self.spec["in_chans"] and list(pre["mean"]) == self.spec["mean"] \
-                and list(pre["std"]) == self.spec["std"]
-            adapters.append(nn.Identity() if same else InputAdapter(self.spec, pre["mean"], pre["std"]))
-            perm = class_permutation(members[i].classes, classes)
+            same = pre.in_chans == self.spec["in_chans"] and list(pre.mean) == self.spec["mean"] \
+                and list(pre.std) == self.spec["std"]
+            adapters.append(nn.Identity() if same else InputAdapter(self.spec, pre.mean, pre.std))
+            perm = class_order(members[i].classes, classes)
             self._permute.append(None if (perm == np.arange(len(perm))).all() else perm.tolist())
         self.adapters = nn.ModuleList(adapters)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mix = None
-        for model, adapt, w, perm in zip(self.members, self.adapters, self.weights, self._permute):
-            p = torch.softmax(model(adapt(x)), dim=1)
-            if perm is not None:
-                p = p[:, perm]
-            mix = w * p if mix is None else mix + w * p
+        probs = [torch.softmax(model(adapt(x)), dim=1) for model, adapt in zip(self.members, self.adapters)]
+        mix = soft_vote(probs, self.weights, self._permute)
         if self.temperature != 1.0:
             mix = torch.softmax(torch.log(mix.clamp_min(PROB_EPS)) / self.temperature, dim=1)
         return mix
@@ -165,39 +160,8 @@ def export_onnx(module: EnsembleModule, path: str | Path, *, opset: int = 18) ->
 
 
 def preprocess_json(module: EnsembleModule, classes: Sequence[str], *, synthetic: bool) -> dict:
-    """What a client needs to feed the exported graph (MONAI-style metadata)."""
-    spec = module.spec
-    s, r, c = spec["image_size"], spec["resize"], spec["in_chans"]
-    return {
-        "format": PREPROCESS_FORMAT,
-        "input": {"name": INPUT_NAME, "shape": ["batch", c, s, s], "dtype": "float32"},
-        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(classes)], "meaning": "class probabilities"},
-        "image_size": s,
-        "resize": r,
-        "crop": "center",
-        "in_chans": c,
-        "mean": spec["mean"],
-        "std": spec["std"],
-        "value_range": "uint8 / 255 before normalization",
-        "steps": [
-            "decode as 8-bit grayscale",
-            f"resize the shorter side to {r} (bilinear, antialiased, as PIL) and centre-crop {r}x{r}",
-            f"centre-crop {s}x{s}",
-            "divide by 255",
-            *(["replicate the gray channel to 3 channels"] if c == 3 else []),
-            "subtract mean and divide by std per channel",
-        ],
-        "classes": list(classes),
-        "temperature": module.temperature,
-        # trial_id and weight as before; model, checkpoint (its model.pt) and sha256 added for Grad-CAM.
-        "members": [
-            {"trial_id": t, "weight": w, **src} for t, w, src in zip(module.trial_ids, module.weights, module.sources)
-        ],
-        "synthetic": bool(synthetic),
-    }
-
-
-def write_preprocess_json(meta: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.write_text(json.dumps(meta, indent=2) + "\n")
-    return path
+    """``preprocess.json`` of the exported graph (:func:`covid_ray.artifacts.bundle.preprocess_json`)."""
+    members = [{"trial_id": t, "weight": w, **src} for t, w, src in zip(module.trial_ids, module.weights, module.sources)]
+    return bundle.preprocess_json(Preprocess.from_dict(module.spec, source="the ensemble's input").to_dict(),
+                                  classes=list(classes), temperature=module.temperature, members=members,
+                                  synthetic=synthetic)

@@ -23,13 +23,14 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from covid_ray.artifacts.bundle import OOD_OUTPUT, OUTPUT_NAME
+from covid_ray.vote import soft_vote
+
 from ensemble.calibrate import PROB_EPS
-from ensemble.export import OUTPUT_NAME, EnsembleModule
+from ensemble.export import EnsembleModule
 from ensemble.ood import GaussianFit
 from ensemble.outputs import SplitMember
 from ensemble.tta import IDENTITY, Views
-
-OOD_OUTPUT = "ood_score"
 
 
 class TrustedEnsemble(nn.Module):
@@ -68,32 +69,26 @@ class TrustedEnsemble(nn.Module):
         return torch.softmax(torch.log(mix.clamp_min(PROB_EPS)) / self.temperature, dim=1)
 
     def forward(self, x: torch.Tensor):
-        n_views = len(self.view_names)
+        n_views, b = len(self.view_names), x.shape[0]
         xv = self.views(x)
-        mix = first = score = None
-        for i, (net, adapt, w, perm) in enumerate(zip(self.nets, self.adapters, self.weights, self._permute)):
+        means, firsts, scores = [], [], []  # per member: view-averaged and un-augmented probabilities, OOD score
+        for i, (net, adapt) in enumerate(zip(self.nets, self.adapters)):
             logits, features = net(adapt(xv))
-            p = torch.softmax(logits, dim=1)
-            if perm is not None:
-                p = p[:, perm]
-            p = p.reshape(n_views, -1, self.num_classes)
-            mix = w * p.mean(dim=0) if mix is None else mix + w * p.mean(dim=0)
-            first = w * p[0] if first is None else first + w * p[0]
-            if self.ood_score in ("energy", "mahalanobis"):
-                b = x.shape[0]
-                if self.ood_score == "energy":
-                    s = -torch.logsumexp(logits[:b], dim=1)
-                else:
-                    g = features[:b] @ getattr(self, f"whiten_{i}")
-                    nu = getattr(self, f"nu_{i}")
-                    s = _columns(((g.unsqueeze(1) - nu.unsqueeze(0)) ** 2).sum(dim=2), torch.minimum) / nu.shape[1]
-                score = w * s if score is None else score + w * s
-        probs = self._temper(mix)
+            p = torch.softmax(logits, dim=1).reshape(n_views, -1, self.num_classes)
+            means.append(p.mean(dim=0))
+            firsts.append(p[0])
+            if self.ood_score == "energy":
+                scores.append(-torch.logsumexp(logits[:b], dim=1))
+            elif self.ood_score == "mahalanobis":
+                g = features[:b] @ getattr(self, f"whiten_{i}")
+                nu = getattr(self, f"nu_{i}")
+                scores.append(_columns(((g.unsqueeze(1) - nu.unsqueeze(0)) ** 2).sum(dim=2), torch.minimum) / nu.shape[1])
+        probs = self._temper(soft_vote(means, self.weights, self._permute))
         if self.ood_score is None:
             return probs
         if self.ood_score == "msp":
-            score = 1.0 - _columns(self._temper(first), torch.maximum)
-        return probs, score
+            return probs, 1.0 - _columns(self._temper(soft_vote(firsts, self.weights, self._permute)), torch.maximum)
+        return probs, soft_vote(scores, self.weights)
 
     def preprocess_extra(self) -> dict:
         """What ``preprocess.json`` says about the views and the outputs beyond the plain graph."""

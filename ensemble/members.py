@@ -25,14 +25,16 @@ import numpy as np
 import pandas as pd
 import torch
 
+from covid_ray.artifacts.experiment import Experiment
 from covid_ray.data.datasets import CachedImageDataset, SplitData, load_splits, make_loader
 from covid_ray.data.scan import find_dataset_root
-from covid_ray.data.transforms import EvalPreset, resize_for
+from covid_ray.data.transforms import EvalPreset
 from covid_ray.engine import predict_logits
 from covid_ray.metrics import softmax
 from covid_ray.progress import progress_bar
+from covid_ray.vote import class_order
 
-from ensemble.select import Experiment, Member
+from ensemble.select import Member
 
 logger = logging.getLogger(__name__)
 
@@ -58,29 +60,10 @@ def split_fingerprint(frame: pd.DataFrame) -> str:
     return h.hexdigest()[:12]
 
 
-def class_permutation(member_classes: Sequence[str], classes: Sequence[str]) -> np.ndarray:
-    """Column indices that put a member's outputs in ``classes`` order."""
-    if sorted(member_classes) != sorted(classes):
-        raise ValueError(f"member classes {list(member_classes)} differ from {list(classes)}")
-    return np.array([list(member_classes).index(c) for c in classes], dtype=np.int64)
-
-
-def eval_preset(member: Member) -> EvalPreset:
-    pre = member.preprocess
-    if pre.get("crop", "center") != "center":
-        raise ValueError(f"{member.checkpoint}: unsupported crop {pre.get('crop')!r}; expected 'center'")
-    return EvalPreset(image_size=int(pre["image_size"]), in_chans=int(pre["in_chans"]))
-
-
-def member_resize(member: Member) -> int:
-    pre = member.preprocess
-    return int(pre.get("resize") or resize_for(int(pre["image_size"])))
-
-
 def predict_member(member: Member, dataset: CachedImageDataset, *, batch_size: int = 64) -> np.ndarray:
     """(images, classes) probabilities of one member on a dataset, in dataset order."""
     loader = make_loader(dataset, batch_size=batch_size, shuffle=False)
-    index, logits, _ = predict_logits(member.model, loader, eval_preset(member), torch.device("cpu"), amp="off")
+    index, logits, _ = predict_logits(member.model, loader, member.preprocess.preset(), torch.device("cpu"), amp="off")
     return softmax(logits[np.argsort(index, kind="stable")])
 
 
@@ -152,12 +135,12 @@ def member_probabilities(
     total = len(members) * sum(len(f) for f in frames.values())
     bar = progress_bar(total, "member predictions", unit="img", enabled=progress)
     for member in members:
-        perm = class_permutation(member.classes, classes)
+        perm = class_order(member.classes, classes)
         for split in splits:
             file = _cache_file(cache_dir, member, split, fingerprints[split])
             probs = _read_cached(file, classes, labels[split])
             if probs is None:
-                resize = member_resize(member)
+                resize = member.preprocess.resize
                 if resize not in loaded:
                     loaded[resize] = load_splits(root, manifest, classes, resize, cache_dir=data_cache_dir)
                 dataset = loaded[resize].datasets[split]
@@ -176,7 +159,7 @@ def member_probabilities(
     }
 
 
-def split_dataset(
+def load_split_dataset(
     experiment: Experiment,
     manifest: pd.DataFrame,
     split: str,

@@ -9,12 +9,12 @@ class, evaluation metrics), so the model can be used without the training code.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ensemble.report import _ci, _f, _table
+from covid_ray.artifacts.bundle import CARD_FILE, METADATA_FILE
+from covid_ray.artifacts.plain import write_json
 
-CARD_FILE, METADATA_FILE = "MODEL_CARD.md", "metadata.json"
+from ensemble.report import _ci, _f, _table
 SECTIONS = ("Model details", "Intended use", "Out-of-scope use", "Training data", "Members and how they were chosen",
             "Evaluation (test split)", "Calibration", "Out-of-distribution abstention", "Shortcut audit",
             "Where the model looks", "Known limitations", "How to use")
@@ -239,5 +239,5 @@ def metadata(m: dict) -> dict:
 def write_model_card(out_dir: str | Path, metrics: dict) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     (out_dir / CARD_FILE).write_text(render_card(metrics))
-    (out_dir / METADATA_FILE).write_text(json.dumps(metadata(metrics), indent=2) + "\n")
+    write_json(out_dir / METADATA_FILE, metadata(metrics))
     return out_dir / CARD_FILE, out_dir / METADATA_FILE

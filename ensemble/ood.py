@@ -33,6 +33,8 @@ from scipy.special import logsumexp
 from sklearn.covariance import LedoitWolf
 from sklearn.metrics import roc_auc_score
 
+from covid_ray.vote import soft_vote, vote_weights
+
 from ensemble.calibrate import PROB_EPS, apply_temperature
 
 logger = logging.getLogger(__name__)
@@ -47,7 +49,6 @@ DESCRIPTIONS = {
                    "pooled features to the class mean, divided by the feature dimension (shared Ledoit-Wolf "
                    "covariance fitted on training images)",
 }
-PARAMS_FILE = "ood_head.npz"
 
 
 @dataclass
@@ -99,13 +100,6 @@ def msp(probs: np.ndarray) -> np.ndarray:
     return 1.0 - np.asarray(probs, dtype=np.float64).max(axis=1)
 
 
-def _normalized(weights: Sequence[float]) -> np.ndarray:
-    w = np.asarray(weights, dtype=np.float64)
-    if (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"weights must be non-negative with a positive sum, got {w}")
-    return w / w.sum()
-
-
 def candidate_scores(logits: Sequence[np.ndarray], features: Sequence[np.ndarray], weights: Sequence[float],
                      temperature: float, fits: Sequence[GaussianFit] | None) -> dict[str, np.ndarray]:
     """Every candidate score of the ensemble on one image set.
@@ -115,15 +109,14 @@ def candidate_scores(logits: Sequence[np.ndarray], features: Sequence[np.ndarray
         features: per member (N, D).
         fits: per member, or None to leave ``mahalanobis`` out.
     """
-    w = _normalized(weights)
+    w = vote_weights(weights)
     probs = [np.exp(z - logsumexp(z, axis=1, keepdims=True)) for z in map(np.asarray, logits)]
-    mix = sum(wi * p for wi, p in zip(w, probs))
     out = {
-        "msp": msp(apply_temperature(np.clip(mix, PROB_EPS, 1.0), temperature)),
-        "energy": sum(wi * energy(z) for wi, z in zip(w, logits)),
+        "msp": msp(apply_temperature(np.clip(soft_vote(probs, w), PROB_EPS, 1.0), temperature)),
+        "energy": soft_vote([energy(z) for z in logits], w),
     }
     if fits is not None:
-        out["mahalanobis"] = sum(wi * mahalanobis(f, fit) for wi, f, fit in zip(w, features, fits))
+        out["mahalanobis"] = soft_vote([mahalanobis(f, fit) for f, fit in zip(features, fits)], w)
     return out
 
 

@@ -29,17 +29,13 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
+from covid_ray.artifacts.experiment import Experiment
 from covid_ray.data.io import resize_square
 from covid_ray.models import get_model_entry
+from covid_ray.vote import class_order
 
-from ensemble.members import (
-    class_permutation,
-    eval_preset,
-    member_resize,
-    split_dataset,
-    split_fingerprint,
-)
-from ensemble.select import Experiment, Member
+from ensemble.members import load_split_dataset, split_fingerprint
+from ensemble.select import Member
 from ensemble.tta import IDENTITY, Views
 
 logger = logging.getLogger(__name__)
@@ -133,7 +129,8 @@ def split_images(experiment: Experiment, manifest: pd.DataFrame, split: str, *, 
 
     def batches(resize: int, batch_size: int) -> Iterator[np.ndarray]:
         if resize not in loaded:
-            loaded[resize] = split_dataset(experiment, manifest, split, resize=resize, data_cache_dir=data_cache_dir)
+            loaded[resize] = load_split_dataset(experiment, manifest, split, resize=resize,
+                                                data_cache_dir=data_cache_dir)
         dataset = loaded[resize]
         for i in range(0, len(rows), batch_size):
             images = dataset.array[dataset.rows[rows[i : i + batch_size]]]
@@ -179,11 +176,11 @@ def predict_outputs(member: Member, images: ImageSet, views: Sequence[str] = (ID
                     batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """(logits (V, N, K) in the member's class order, features (N, D)) without the cache."""
     net = split_classifier(member)
-    preset = eval_preset(member)
     pre = member.preprocess
-    stack = Views(list(views), image_size=int(pre["image_size"]), mean=pre["mean"], std=pre["std"])
+    preset = pre.preset()
+    stack = Views(list(views), image_size=pre.image_size, mean=pre.mean, std=pre.std)
     logits, features = [], []
-    for batch in images.batches(member_resize(member), batch_size):
+    for batch in images.batches(pre.resize, batch_size):
         x = preset(torch.from_numpy(np.ascontiguousarray(batch)).unsqueeze(1))
         z, f = net(stack(x))
         b = len(batch)
@@ -219,7 +216,7 @@ def _write(file: Path, logits: np.ndarray, features: np.ndarray, views: Sequence
 def member_outputs(member: Member, images: ImageSet, classes: Sequence[str], *, views: Sequence[str] = (IDENTITY,),
                    cache_dir: str | Path | None = None, batch_size: int = 64) -> Outputs:
     """Logits and features of one member on ``images`` (columns in ``classes`` order), cached."""
-    perm = class_permutation(member.classes, classes)
+    perm = class_order(member.classes, classes)
     file = None
     if cache_dir is not None:
         tag = hashlib.sha1(",".join(views).encode()).hexdigest()[:8]

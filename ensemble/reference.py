@@ -28,18 +28,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from covid_ray.artifacts.experiment import ARM_COLUMN, RECIPE_ARM, Experiment
 from covid_ray.metrics import Resamples, accuracy, macro_f1
 
 from ensemble.evaluate import compare, evaluate_probs, member_entry
 from ensemble.members import SplitProbs, member_probabilities
-from ensemble.select import Experiment, Member, Selection, load_member
+from ensemble.select import Member, Selection, load_trial
 
 logger = logging.getLogger(__name__)
 
-# The trials.csv column and value covid_ray.searcher writes (ARM_KEY, RECIPE); not imported
-# from there because that module imports Ray, and building an ensemble needs none.
-ARM_COLUMN = "arm"
-RECIPE_ARM = "recipe"
 
 
 def _ci_text(ci: list) -> str:
@@ -74,7 +71,7 @@ def _recipe_member(row: dict, selection: Selection, experiment: Experiment, metr
         error = str(row.get("error", "")).strip()
         raise ValueError(f"the recipe trial {trial_id} has no checkpoint ({status}{': ' + error if error else ''})")
     score = pd.to_numeric(pd.Series([row.get(f"best_{metric}")]), errors="coerce").iloc[0]
-    return load_member(row, float(score), experiment.classes), None
+    return load_trial(row, float(score), experiment.classes), None
 
 
 def recipe_comparison(

@@ -3,7 +3,8 @@
 A search leaves ``<results>/<NAME>/`` with ``experiment.json`` (dataset root, split
 manifest, classes, the metric and its direction), ``split.csv`` and ``trials.csv``
 (one row per trial: ``trial_id``, ``status``, ``config/<key>``, ``best_<metric>``,
-``checkpoint`` = the trial's best checkpoint folder). Trials are ranked by their best
+``checkpoint`` = the trial's best checkpoint folder); :mod:`covid_ray.artifacts.experiment`
+reads and checks them. Trials are ranked by their best
 validation value; each candidate's checkpoint is loaded (``weights_only=True``) and
 rebuilt here, so a missing or corrupt one is skipped with a warning naming it and the
 next-ranked trial takes its place: the ensemble is the top K *usable* trials.
@@ -15,44 +16,25 @@ downloaded, each once.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch.nn as nn
 
-from covid_ray.checkpoint import MODEL_FILE, file_digest, load_checkpoint, model_from_checkpoint
-from covid_ray.data.layout import SYNTHETIC_MARKER
+from covid_ray.artifacts.checkpoint import file_digest, load_checkpoint, model_file, model_from_checkpoint
+from covid_ray.artifacts.experiment import ENSEMBLE_INPUTS, EXPERIMENT_FILE, TRIALS_FILE, Experiment, ExperimentError
+from covid_ray.artifacts.preprocess import Preprocess
 from covid_ray.uri import download_files, fetch, is_uri, join, mirror_dir
 
 logger = logging.getLogger(__name__)
 
-EXPERIMENT_FILE = "experiment.json"
-TRIALS_FILE = "trials.csv"
-# What an ensemble reads of an experiment folder besides the checkpoints.
-TABLES = (EXPERIMENT_FILE, TRIALS_FILE, "split.csv", "history.csv", "search_space.yaml")
 
-
-class SelectionError(ValueError):
+class SelectionError(ExperimentError):
     """The search folder cannot give an ensemble (bad files, or no usable trial)."""
-
-
-@dataclass(frozen=True)
-class Experiment:
-    """What ``experiment.json`` says about a search; paths are resolved."""
-
-    folder: Path
-    name: str
-    data: Path
-    split: Path
-    synthetic: bool
-    metric: str
-    mode: str
-    classes: list[str]
 
 
 @dataclass
@@ -68,9 +50,10 @@ class Member:
     model: nn.Module
     status: str = ""
 
-    @property
-    def preprocess(self) -> dict:
-        return self.payload["preprocess"]
+    @cached_property
+    def preprocess(self) -> Preprocess:
+        """The checkpoint's eval preprocessing (ModelLoadError, a ValueError, when malformed)."""
+        return Preprocess.from_dict(self.payload["preprocess"], source=self.checkpoint or self.trial_id)
 
     @property
     def classes(self) -> list[str]:
@@ -115,83 +98,20 @@ def localize_experiment(uri: str) -> Path:
     """Download the tables of the experiment at ``uri`` into its local mirror.
 
     The tables are fetched afresh every time (a resumed search rewrites them); the
-    checkpoints they name stay URIs and :func:`load_member` downloads the ones it uses.
+    checkpoints they name stay URIs and :func:`load_trial` downloads the ones it uses.
 
     Raises:
         SelectionError: no experiment at ``uri``, or the store cannot be read.
     """
     folder = mirror_dir(uri.rstrip("/"))
     try:
-        got = download_files(uri, TABLES, folder)
+        got = download_files(uri, ENSEMBLE_INPUTS, folder)
     except (OSError, ValueError) as exc:  # credentials, endpoint, bucket
         raise SelectionError(f"cannot read the experiment at {uri}: {exc}") from None
     if EXPERIMENT_FILE not in got:
         raise SelectionError(f"no experiment at {uri} ({EXPERIMENT_FILE} is missing)")
     logger.info("downloaded %s from %s to %s", ", ".join(got), uri, folder)
     return folder
-
-
-def _require(info: dict, key: str, kind: type, file: Path) -> Any:
-    if key not in info:
-        raise SelectionError(f"{file}: missing key {key!r}")
-    if not isinstance(info[key], kind):
-        raise SelectionError(f"{file}: {key!r} must be {kind.__name__}, got {info[key]!r}")
-    return info[key]
-
-
-def read_experiment(folder: str | Path) -> Experiment:
-    """Parse and check ``<folder>/experiment.json``.
-
-    Raises:
-        SelectionError: the file is missing or malformed, or the dataset or
-            manifest it names does not exist.
-    """
-    folder = Path(folder)
-    file = folder / EXPERIMENT_FILE
-    if not file.is_file():
-        raise SelectionError(f"{file} not found: is {folder} the folder a search wrote?")
-    try:
-        info = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise SelectionError(f"{file}: not valid JSON ({exc})") from None
-    if not isinstance(info, dict):
-        raise SelectionError(f"{file}: expected a JSON object")
-    data = Path(_require(info, "data", str, file))
-    split = Path(_require(info, "split", str, file))
-    split = split if split.is_absolute() else folder / split
-    classes = _require(info, "classes", list, file)
-    if not classes or not all(isinstance(c, str) for c in classes):
-        raise SelectionError(f"{file}: 'classes' must be a non-empty list of names, got {classes!r}")
-    if not data.is_dir():
-        raise SelectionError(f"{file}: dataset folder {data} not found")
-    if not split.is_file():
-        raise SelectionError(f"{file}: split manifest {split} not found")
-    mode = info.get("mode", "max")
-    if mode not in ("max", "min"):
-        raise SelectionError(f"{file}: 'mode' must be 'max' or 'min', got {mode!r}")
-    # An experiment.json without the flag still counts as synthetic when the dataset says so.
-    synthetic = bool(info.get("synthetic", (data / SYNTHETIC_MARKER).is_file()))
-    return Experiment(
-        folder=folder.resolve(),
-        name=str(info.get("name", folder.name)),
-        data=data,
-        split=split,
-        synthetic=synthetic,
-        metric=str(info.get("metric", "val_macro_f1")),
-        mode=mode,
-        classes=list(classes),
-    )
-
-
-def read_trials(folder: str | Path) -> pd.DataFrame:
-    file = Path(folder) / TRIALS_FILE
-    if not file.is_file():
-        raise SelectionError(f"{file} not found: the search has not recorded any trial yet")
-    df = pd.read_csv(file, dtype={"trial_id": str, "checkpoint": str, "status": str}, keep_default_na=False)
-    missing = [c for c in ("trial_id", "checkpoint") if c not in df.columns]
-    if missing:
-        raise SelectionError(f"{file}: missing columns {missing}")
-    return df
 
 
 def metric_mode(metric: str, experiment: Experiment) -> str:
@@ -222,21 +142,21 @@ def rank_trials(trials: pd.DataFrame, metric: str, mode: str) -> tuple[pd.DataFr
     return ranked.reset_index(drop=True), notes
 
 
-def load_member(row: dict, score: float, classes: list[str]) -> Member:
-    """Load and rebuild one trial's checkpoint.
+def load_trial(row: dict, score: float, classes: list[str]) -> Member:
+    """Load and rebuild the checkpoint of one ``trials.csv`` row as an ensemble member.
 
     Raises:
         FileNotFoundError, ValueError, RuntimeError: missing, unreadable, or not
-            matching the experiment's classes or its own architecture.
+            matching the experiment's classes, its own architecture or the eval preprocessing.
     """
     where = row["checkpoint"].strip()
     folder = fetch(where) if is_uri(where) else Path(where)  # a URI is downloaded once
     payload = load_checkpoint(folder)
-    file = folder / MODEL_FILE if folder.is_dir() else folder
+    file = model_file(folder)
     if sorted(payload.get("classes", [])) != sorted(classes):
         raise ValueError(f"{file}: classes {payload.get('classes')} differ from the experiment's {classes}")
     model, payload = model_from_checkpoint(payload)
-    return Member(
+    member = Member(
         trial_id=str(row["trial_id"]),
         model_name=str(payload["model"]["name"]),
         score=float(score),
@@ -246,6 +166,8 @@ def load_member(row: dict, score: float, classes: list[str]) -> Member:
         model=model,
         status=str(row.get("status", "")),
     )
+    member.preprocess  # noqa: B018 - a malformed one is refused here, where the trial is skipped
+    return member
 
 
 def select_top(experiment: Experiment, trials: pd.DataFrame, top: int, metric: str, mode: str) -> Selection:
@@ -262,7 +184,7 @@ def select_top(experiment: Experiment, trials: pd.DataFrame, top: int, metric: s
         if len(selection.members) == top:
             break
         try:
-            selection.members.append(load_member(row, row["_score"], experiment.classes))
+            selection.members.append(load_trial(row, row["_score"], experiment.classes))
         except (FileNotFoundError, ValueError, RuntimeError, KeyError, TypeError) as exc:
             reason = str(exc) if not isinstance(exc, KeyError) else f"checkpoint lacks key {exc}"
             logger.warning("skipping trial %s (checkpoint %s): %s", row["trial_id"], row["checkpoint"], reason)

@@ -38,17 +38,18 @@ import pandas as pd
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
+from covid_ray.artifacts.experiment import Experiment
+from covid_ray.artifacts.preprocess import Preprocess
 from covid_ray.data.io import BadImageError, read_grayscale
 from covid_ray.data.scan import find_dataset_root
 from covid_ray.data.transforms import normalization_for
 from covid_ray.gradcam import mask_in_crop
-from covid_ray.inference import Preprocess
 from covid_ray.metrics import confusion_metrics
 
 from ensemble.calibrate import apply_temperature
 from ensemble.combine import soft_vote
 from ensemble.outputs import ImageSet, member_outputs, split_images
-from ensemble.select import Experiment, Member
+from ensemble.select import Member
 from ensemble.sources import source_analysis
 from ensemble.tta import IDENTITY
 

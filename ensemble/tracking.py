@@ -24,11 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from covid_ray.artifacts.bundle import CARD_FILE, METRICS_FILE, REPORT_FILE
 from covid_ray.tracking import experiment_id, require_mlflow, tracking_uri
 
 logger = logging.getLogger(__name__)
 
-ARTIFACTS = ("report.md", "metrics.json", "MODEL_CARD.md")
+ARTIFACTS = (REPORT_FILE, METRICS_FILE, CARD_FILE)
 FIGURES = "*.png"
 
 

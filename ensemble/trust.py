@@ -28,10 +28,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from covid_ray.artifacts.experiment import DATA_REPORT_FILE, Experiment
+
 from ensemble.calibrate import apply_temperature
 from ensemble.combine import soft_vote
-from ensemble.members import SplitProbs, preprocessed_batches, split_dataset
-from ensemble.select import Experiment, Selection
+from ensemble.members import SplitProbs, load_split_dataset, preprocessed_batches
+from ensemble.select import Selection
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +69,9 @@ def _tta_section(views, selection, experiment, manifest, plain, probs, weights, 
            "comparison": "same members and weights; each variant has its own temperature fitted on validation",
            "test": tta_effect(plain, probs, weights, calibrate=calibrate)}
     if repeats > 0:
-        spec = selection.members[0].preprocess
-        from covid_ray.data.transforms import EvalPreset, resize_for
-
-        test = split_dataset(experiment, manifest, "test", resize=int(spec.get("resize") or resize_for(spec["image_size"])),
-                             data_cache_dir=data_cache_dir)
-        preset = EvalPreset(image_size=int(spec["image_size"]), in_chans=int(spec["in_chans"]))
-        sample = next(preprocessed_batches(test, preset, batch_size=32))[0]
+        pre = selection.members[0].preprocess
+        test = load_split_dataset(experiment, manifest, "test", resize=pre.resize, data_cache_dir=data_cache_dir)
+        sample = next(preprocessed_batches(test, pre.preset(), batch_size=32))[0]
         try:
             out["latency_ms"] = tta_latency(selection.members, weights, temperature, experiment.classes, views,
                                             sample, repeats=repeats)
@@ -85,9 +83,9 @@ def _tta_section(views, selection, experiment, manifest, plain, probs, weights, 
 
 def data_summary(experiment: Experiment) -> dict:
     """What ``data_report.json`` beside the split says: source, counts, grouping, exclusions."""
-    path = Path(experiment.split).parent / "data_report.json"
+    path = Path(experiment.split).parent / DATA_REPORT_FILE
     if not path.is_file():
-        return {"available": False, "note": f"no data_report.json beside {Path(experiment.split).name}"}
+        return {"available": False, "note": f"no {DATA_REPORT_FILE} beside {Path(experiment.split).name}"}
     report = json.loads(path.read_text())
     reasons = Counter(str(e.get("reason", "")).split(":")[0].split("(")[0].strip() for e in report.get("excluded", []))
     odd = Counter(str(e.get("reason", "")).split(":")[0].strip() for e in report.get("odd", []))

@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from covid_ray.artifacts.experiment import Experiment
 from covid_ray.metrics import accuracy, expected_calibration_error, macro_f1, nll
 
 from ensemble.calibrate import apply_temperature, fit_temperature
 from ensemble.combine import soft_vote
 from ensemble.members import SplitProbs
 from ensemble.outputs import member_outputs, split_images
-from ensemble.select import Experiment, Member
+from ensemble.select import Member
 from ensemble.tta import IDENTITY
 
 

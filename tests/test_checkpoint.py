@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from covid_ray.checkpoint import (
+from covid_ray.artifacts.checkpoint import (
     FORMAT,
     MODEL_FILE,
     STATE_FILE,

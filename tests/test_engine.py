@@ -332,7 +332,7 @@ def test_a_run_trains_and_reports_what_the_loop_reports(easy_split, tmp_path):
 
 def test_a_restored_run_continues_exactly_where_it_stopped(easy_split, tmp_path):
     """Two epochs straight equal one epoch, a checkpoint, a fresh run restored from it, one more epoch."""
-    from covid_ray.checkpoint import load_checkpoint, load_train_state, save_checkpoint
+    from covid_ray.artifacts.checkpoint import load_checkpoint, load_train_state, save_checkpoint
     from covid_ray.engine import run_epoch, setup_run
 
     cfg = _run_config(easy_split, tmp_path)

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from covid_ray.checkpoint import save_checkpoint
+from covid_ray.artifacts.checkpoint import save_checkpoint
+from covid_ray.artifacts.experiment import write_experiment
 from covid_ray.data.datasets import load_splits, make_loader
 from covid_ray.data.scan import find_dataset_root
 from covid_ray.data.split import manifest_classes, read_manifest
@@ -90,10 +91,10 @@ def make_search(folder: Path, easy_split, trials: dict, trial_ids, *, extra_rows
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy(split, folder / "split.csv")
     classes = manifest_classes(read_manifest(split))
-    (folder / "experiment.json").write_text(json.dumps({
+    write_experiment(folder, {
         "name": folder.name, "data": str(Path(root).resolve()), "split": "split.csv", "synthetic": synthetic,
         "metric": "val_macro_f1", "mode": "max", "classes": classes,
-    }))
+    })
     rows = [{"trial_id": t, "status": "TERMINATED", **trials[t], "best_epoch": 1, "error": ""} for t in trial_ids]
     rows += list(extra_rows)
     pd.DataFrame(rows).to_csv(folder / "trials.csv", index=False)
@@ -245,7 +246,8 @@ def test_parity_gate_trips_on_a_damaged_int8_model(easy_split, trained, tmp_path
 
 
 def test_corrupt_checkpoint_is_skipped_with_a_warning(easy_split, untrained, tmp_path, caplog):
-    from ensemble.select import read_experiment, read_trials, select_top
+    from covid_ray.artifacts.experiment import read_experiment, read_trials
+    from ensemble.select import select_top
 
     bad = tmp_path / "bad" / "checkpoint"
     bad.mkdir(parents=True)
@@ -284,7 +286,7 @@ QUICK = [*FAST, "--export", "none", "--lung-cam-images", "0"]
 
 def _cached_test_probs(cache: Path, checkpoint: str) -> np.ndarray:
     """A trial's test probabilities as the build cached them (the file is keyed by model.pt's sha256)."""
-    from covid_ray.checkpoint import file_digest
+    from covid_ray.artifacts.checkpoint import file_digest
 
     digest = file_digest(Path(checkpoint) / "model.pt")[:20]
     (file,) = cache.glob(f"{digest}-test-*.npz")

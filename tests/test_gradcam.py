@@ -2,6 +2,7 @@
 depends on one region only, ensemble weighting, overlays, and the share in ensemble.build."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -11,8 +12,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from covid_ray.artifacts.preprocess import Preprocess
 from covid_ray.gradcam import (
-    TARGET_LAYERS,
     CamMember,
     GradCam,
     find_kaggle_mask,
@@ -22,8 +23,7 @@ from covid_ray.gradcam import (
     share_inside,
     target_layer,
 )
-from covid_ray.inference import Preprocess
-from covid_ray.models import create_model, list_models
+from covid_ray.models import _MODEL_REGISTRY, create_model, get_model_entry, list_models
 
 from helpers import smooth_image, write_png
 
@@ -32,10 +32,9 @@ PRE = Preprocess.from_dict({"image_size": 32, "resize": 36, "in_chans": 1, "mean
 
 
 @pytest.mark.parametrize("name", list_models())
-def test_every_registered_model_has_a_target_layer_and_a_map_of_the_input_size(name):
+def test_every_registered_model_has_a_map_of_the_input_size(name):
     torch.manual_seed(0)
     model = create_model(name, 3, in_chans=1).eval()
-    assert name in TARGET_LAYERS  # not the last-Conv2d fallback
     x = torch.randn(2, 1, 64, 64)
     cams, logits = grad_cam(model, target_layer(model), x, torch.tensor([0, 2]))
     assert cams.shape == (2, 64, 64) and logits.shape == (2, 3)
@@ -91,8 +90,9 @@ class _RegionModel(nn.Module):
 
 @pytest.fixture(autouse=True)
 def _region_layer(monkeypatch):
-    """The test model's Grad-CAM layer, registered as an architecture would be."""
-    monkeypatch.setitem(TARGET_LAYERS, "region", lambda m: m.features)
+    """The test model's Grad-CAM layer, registered as an architecture would be (its ``cam_layer``)."""
+    entry = dataclasses.replace(get_model_entry("seed_cnn"), name="region", cam_layer="features")
+    monkeypatch.setitem(_MODEL_REGISTRY, "region", entry)
 
 
 def _member(region: torch.Tensor, weight: float = 1.0, name: str = "m") -> CamMember:
@@ -176,7 +176,7 @@ def test_kaggle_mask_is_found_beside_the_image(tmp_path):
 def test_ensemble_build_reports_the_mean_in_lung_share(easy_split, tmp_path):
     """Random-weight members (no training): the numbers are arbitrary, the plumbing is not."""
     from ensemble.build import BuildOptions, build_ensemble
-    from covid_ray.checkpoint import save_checkpoint
+    from covid_ray.artifacts.checkpoint import save_checkpoint
     from covid_ray.data.split import read_manifest
     from covid_ray.data.split import manifest_classes
     from test_ensemble_build import make_search
@@ -199,3 +199,8 @@ def test_ensemble_build_reports_the_mean_in_lung_share(easy_split, tmp_path):
     assert json.loads((folder / "ensemble" / "metrics.json").read_text())["lung_cam"]["images"] == 6
     report = (folder / "ensemble" / "report.md").read_text()
     assert "in-lung" in report.lower() and f"6 of {n_test}" in report
+    # The result carries the calibrated test probabilities the metrics were computed on.
+    assert result.test_probs.shape == (n_test, len(classes)) and len(result.test_sha1) == n_test
+    np.testing.assert_allclose(result.test_probs.sum(axis=1), 1.0, atol=1e-9)
+    accuracy = float((result.test_probs.argmax(axis=1) == result.test_labels).mean())
+    assert accuracy == pytest.approx(result.metrics["ensemble"]["accuracy"])

@@ -130,11 +130,11 @@ def test_views_flip_rotate_and_pad_black():
 
 
 def _members(tmp_path: Path):
-    from ensemble.select import load_member
+    from ensemble.select import load_trial
 
     a = make_checkpoint(tmp_path / "a", "resnet18", seed=0)
     b = make_checkpoint(tmp_path / "b", "resnet18", in_chans=3, seed=1)
-    return [load_member({"trial_id": t, "checkpoint": str(p)}, 0.5, CLASSES) for t, p in (("a", a), ("b", b))]
+    return [load_trial({"trial_id": t, "checkpoint": str(p)}, 0.5, CLASSES) for t, p in (("a", a), ("b", b))]
 
 
 def torchscript_onnx(module, path: Path, image_size: int = 32) -> Path:
@@ -231,7 +231,8 @@ def test_the_dynamo_export_with_tta_matches_torch(tiny, tmp_path):
 def export_with_ood(folder: Path, members, fits, *, views=(), score: str = "mahalanobis", threshold: float = 0.0) -> Path:
     """An exported ensemble folder with an OOD score: graph, preprocess.json with ``ood``, ood_head.npz."""
     from ensemble.abstain import preprocess_ood
-    from ensemble.export import EnsembleModule, preprocess_json, write_preprocess_json
+    from covid_ray.artifacts.bundle import write_preprocess_json
+    from ensemble.export import EnsembleModule, preprocess_json
     from ensemble.graph import trusted
 
     w, t = [0.6, 0.4][: len(members)], 1.2

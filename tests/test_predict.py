@@ -11,11 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from covid_ray.checkpoint import model_from_checkpoint, save_checkpoint
+from covid_ray.artifacts.bundle import ModelLoadError, member_checkpoints
+from covid_ray.artifacts.checkpoint import model_from_checkpoint, save_checkpoint
+from covid_ray.artifacts.preprocess import Preprocess
 from covid_ray.data.io import BadImageError, read_grayscale, resize_square
 from covid_ray.data.layout import SYNTHETIC_MARKER
 from covid_ray.data.transforms import EvalPreset
-from covid_ray.inference import ModelLoadError, Preprocess, ensemble_member_checkpoints, load_model
+from covid_ray.gradcam import OUTLINE_RGB
+from covid_ray.inference import load_model
 from covid_ray.models import create_model
 from covid_ray.predict import main
 
@@ -52,10 +55,11 @@ def make_onnx_ensemble(folder: Path, checkpoints: list[tuple[str, Path]], weight
     ``export_onnx``'s dynamo exporter (tens of seconds here, and tested in
     test_ensemble): the predictor reads the same graph either way.
     """
-    from ensemble.export import EnsembleModule, preprocess_json, write_preprocess_json
-    from ensemble.select import load_member
+    from covid_ray.artifacts.bundle import write_preprocess_json
+    from ensemble.export import EnsembleModule, preprocess_json
+    from ensemble.select import load_trial
 
-    members = [load_member({"trial_id": t, "checkpoint": str(p)}, 0.5, CLASSES) for t, p in checkpoints]
+    members = [load_trial({"trial_id": t, "checkpoint": str(p)}, 0.5, CLASSES) for t, p in checkpoints]
     module = EnsembleModule(members, weights, temperature, CLASSES).eval()
     folder.mkdir(parents=True, exist_ok=True)
     s, c = module.spec["image_size"], module.spec["in_chans"]
@@ -146,14 +150,14 @@ def test_no_readable_image_exits_1_and_a_bad_model_exits_2(world, tmp_path, caps
 
 def test_onnx_ensemble_cli_matches_the_torch_ensemble(world, capsys):
     from ensemble.export import EnsembleModule
-    from ensemble.select import load_member
+    from ensemble.select import load_trial
 
     images = [world["data"] / c / "images" / f"{c}-{i}.png" for c in CLASSES for i in (1, 2)]
     for model_arg in (world["ensemble"], world["ensemble"] / "ensemble_fp32.onnx", world["ensemble"].parent):
         assert main([*map(str, images), "--model", str(model_arg)]) == 0
         rows = _lines(capsys)
         assert [r["model"] for r in rows] == [str(world["ensemble"] / "ensemble_fp32.onnx")] * 4
-    members = [load_member({"trial_id": t, "checkpoint": str(world[t])}, 0.5, CLASSES) for t in ("a", "b")]
+    members = [load_trial({"trial_id": t, "checkpoint": str(world[t])}, 0.5, CLASSES) for t in ("a", "b")]
     module = EnsembleModule(members, [0.7, 0.3], 1.3, CLASSES).eval()
     with torch.no_grad():
         expected = module(torch.cat([reference_input(p, 32, 1) for p in images])).numpy()
@@ -175,6 +179,11 @@ def test_gradcam_cli_writes_overlays_and_the_in_lung_share(world, tmp_path, caps
     for row, size in ((with_mask, (64, 64)), (without, (60, 80))):
         png = Image.open(row["gradcam"])
         assert png.format == "PNG" and png.mode == "RGB" and png.size == size  # the radiograph's own size
+    # The lungs' outline is drawn (magenta, a hue the map's colormap never takes) only with a mask.
+    magenta = tuple(round(255 * v) for v in OUTLINE_RGB)
+    def outline_pixels(row):
+        return int((np.asarray(Image.open(row["gradcam"])) == magenta).all(axis=-1).sum())
+    assert outline_pixels(with_mask) > 20 and outline_pixels(without) == 0
     # An explicit --mask (any size: it is resized to the image), without --gradcam: share only.
     mask = np.zeros((40, 30), np.uint8)
     mask[:, :15] = 255
@@ -202,9 +211,9 @@ def test_grad_cam_of_an_ensemble_needs_its_member_checkpoints(world, tmp_path, c
     (old / "preprocess.json").write_text(json.dumps(meta))
     model = load_model(old)
     with pytest.raises(ModelLoadError, match="checkpoint of member 'a' not found"):
-        ensemble_member_checkpoints(model)
+        member_checkpoints(model.path, model.meta)
     (tmp_path / "exp" / "trials.csv").write_text(f"trial_id,checkpoint\na,{world['a']}\nb,{world['b']}\n")
-    found = ensemble_member_checkpoints(model)
+    found = member_checkpoints(model.path, model.meta)
     assert [(e["trial_id"], e["checkpoint"]) for e in found] == [("a", world["a"]), ("b", world["b"])]
 
     (tmp_path / "exp" / "trials.csv").write_text("trial_id,checkpoint\n")
@@ -224,14 +233,6 @@ def test_preprocessing_guards(tmp_path):
     with pytest.raises(ModelLoadError, match="unsupported crop"):
         Preprocess.from_dict({"image_size": 32, "in_chans": 1, "mean": [0.449], "std": [0.226], "crop": "random"},
                              source="x")
-
-
-def test_file_names_agree_with_the_exporter():
-    import covid_ray.inference as inf
-    import ensemble.deploy as deploy
-
-    assert (inf.INT8_FILE, inf.FP32_FILE, inf.PREPROCESS_FILE) == (deploy.INT8_FILE, deploy.FP32_FILE,
-                                                                   deploy.PREPROCESS_FILE)
 
 
 def test_model_description_reports_the_builds_test_metrics(world, tmp_path):

@@ -122,7 +122,8 @@ def test_sources_say_whether_the_source_alone_predicts_the_class(tmp_path):
 def _audit(tmp_path: Path, *, shortcut: bool) -> dict:
     from covid_ray.data.prepare import split_dataset
     from ensemble.members import member_probabilities
-    from ensemble.select import Experiment, load_member
+    from covid_ray.artifacts.experiment import Experiment
+    from ensemble.select import load_trial
     from ensemble.shortcut import shortcut_audit
     from test_ensemble_build import _train
 
@@ -130,7 +131,7 @@ def _audit(tmp_path: Path, *, shortcut: bool) -> dict:
     split_dataset(root, tmp_path / "split.csv", workers=1)
     # 6 epochs: measured flagged / not flagged for seeds 0, 1, 2 (retained skill 1.0 / 0.0).
     _train(root, tmp_path / "split.csv", tmp_path / "ckpt", "resnet18", 40, 1, 6, 0, 2e-3)
-    member = load_member({"trial_id": "m", "checkpoint": str(tmp_path / "ckpt")}, 1.0, CLASSES)
+    member = load_trial({"trial_id": "m", "checkpoint": str(tmp_path / "ckpt")}, 1.0, CLASSES)
     experiment = Experiment(tmp_path, "audit", root, tmp_path / "split.csv", True, "val_macro_f1", "max", CLASSES)
     manifest = read_manifest(tmp_path / "split.csv")
     probs = member_probabilities([member], experiment, manifest, ("test",), cache_dir=tmp_path / "cache")

@@ -148,7 +148,7 @@ def test_ensemble_build_names_a_uri_without_an_experiment(s3, capsys):
 @pytest.mark.slow
 def test_single_run_cli_writes_its_checkpoint_to_s3(s3, easy_split, tmp_path):
     from benchmarks.common import last_json
-    from covid_ray.checkpoint import load_checkpoint
+    from covid_ray.artifacts.checkpoint import load_checkpoint
     from covid_ray.uri import fetch
 
     root, split = easy_split

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmarks.common import last_json
-from covid_ray.checkpoint import load_checkpoint, model_from_checkpoint
+from covid_ray.artifacts.checkpoint import load_checkpoint, model_from_checkpoint
 from covid_ray.data.datasets import load_splits, make_loader
 from covid_ray.data.scan import find_dataset_root
 from covid_ray.data.split import read_manifest
@@ -73,7 +73,8 @@ def test_cli_rejects_bad_arguments_before_starting_ray(easy_split, tmp_path):
 
 
 def test_killed_worker_resumes_from_its_checkpoint(easy_split, tmp_path, ray_session):
-    from covid_ray.train import best_of, build_trainer, history_callback, read_history
+    from covid_ray.artifacts.experiment import read_history
+    from covid_ray.train import best_of, build_trainer, history_callback
 
     root, split = easy_split
     marker = tmp_path / "killed.json"

@@ -25,13 +25,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from covid_ray.artifacts.bundle import CARD_FILE
+from covid_ray.artifacts.preprocess import Preprocess
 from covid_ray.data.io import read_grayscale
 from covid_ray.data.layout import SYNTHETIC_MARKER
 from covid_ray.data.prepare import split_dataset
 from covid_ray.gradcam import OUTLINE_RGB, gradcam_for, lung_outline, overlay_png
-from covid_ray.inference import Preprocess, load_model
+from covid_ray.inference import load_model
 from covid_ray.serve import create_app
-from covid_ray.web import CSP, MODEL_CARD_FILE, card_page
+from covid_ray.web import CSP, card_page
 
 from helpers import make_kaggle, png_bytes
 from test_ensemble_build import _train, make_search
@@ -208,7 +210,7 @@ def test_the_page_describes_the_model_and_links_its_card(tab, site):
     assert tab.text("#metrics-caption") == f"test split, {info['metrics']['test_images']} images (synthetic data)"
     page.click("#card-link")
     page.wait_for_url("**/model-card")
-    card = (site["model"].path.parent / MODEL_CARD_FILE).read_text()
+    card = (site["model"].path.parent / CARD_FILE).read_text()
     assert tab.text("#card") == card and "# Model card" in card  # ensemble.build's card, shown verbatim
     assert tab.errors == []
 
@@ -322,7 +324,7 @@ def test_security_headers_and_the_card_routes(site):
     assert httpx.get(url + "/static/../serve.py", timeout=30).status_code == 404
     missing = httpx.get(url + "/static/index.py", timeout=30)
     assert missing.status_code == 404 and "no static file 'index.py'" in missing.json()["detail"]
-    card = (site["model"].path.parent / MODEL_CARD_FILE).read_text()
+    card = (site["model"].path.parent / CARD_FILE).read_text()
     md = httpx.get(url + "/model-card.md", timeout=30)
     assert md.headers["content-type"].startswith("text/markdown") and md.text == card
     assert httpx.get(url + "/model-card", timeout=30).headers["content-security-policy"] == CSP
@@ -343,13 +345,10 @@ def test_no_card_is_a_404_with_a_message(site, tmp_path):
     with _Server(create_app(load_model(bare, threads=1))) as srv:
         r = httpx.get(f"{srv.url}/model-card", timeout=30)
         assert r.status_code == 404
-        assert r.json()["detail"].startswith(f"no model card: no {MODEL_CARD_FILE} beside {site['model'].path.name}")
+        assert r.json()["detail"].startswith(f"no model card: no {CARD_FILE} beside {site['model'].path.name}")
 
 
-def test_the_card_is_escaped_and_named_as_the_builder_names_it():
-    from ensemble.model_card import CARD_FILE
-
-    assert MODEL_CARD_FILE == CARD_FILE
+def test_the_card_is_escaped():
     page = card_page("# Card\n<script>alert(1)</script> <img src=x onerror=alert(2)>")
     assert "&lt;script&gt;alert(1)&lt;/script&gt; &lt;img src=x onerror=alert(2)&gt;" in page
     assert "<script>alert" not in page and "<img src=x" not in page

@@ -46,6 +46,11 @@ def resize_for(image_size: int) -> int:
     return int(round(image_size * 256 / 224))
 
 
+def crop_offset(resize: int, image_size: int) -> int:
+    """First row (and column) of the centre crop S from R, as torchvision's CenterCrop."""
+    return int(round((resize - image_size) / 2.0))
+
+
 @dataclass(frozen=True, kw_only=True)
 class AugmentParams:
     """Strength of the train-time augmentation (the search tunes these).
@@ -119,7 +124,7 @@ class EvalPreset:
         r, s = x.shape[-1], self.image_size
         if r < s:
             raise ValueError(f"images are {r}px, smaller than the crop {s}px")
-        top = int(round((r - s) / 2.0))  # as torchvision's CenterCrop
+        top = crop_offset(r, s)
         x = x[..., top : top + s, top : top + s]
         return _normalize(x, self.in_chans).contiguous()
 

@@ -28,12 +28,12 @@ from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Response
 
+from covid_ray.artifacts.bundle import CARD_FILE
 from covid_ray.inference import LoadedModel
 
 logger = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).resolve().parent
-MODEL_CARD_FILE = "MODEL_CARD.md"
 STATIC_TYPES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 
 CSP = "; ".join([
@@ -61,23 +61,23 @@ SECURITY_HEADERS = {
 
 def model_card_path(model: LoadedModel) -> Path | None:
     """Where the model's card would be: beside an exported ensemble's graph; a checkpoint has none."""
-    return model.path.parent / MODEL_CARD_FILE if model.kind == "onnx" else None
+    return model.path.parent / CARD_FILE if model.kind == "onnx" else None
 
 
 def _read_card(model: LoadedModel) -> str:
     path = model_card_path(model)
     if path is None:
         raise HTTPException(404, detail=f"no model card: this service runs a single training checkpoint "
-                                        f"({model.path.name}); ensemble.build writes {MODEL_CARD_FILE} with an "
+                                        f"({model.path.name}); ensemble.build writes {CARD_FILE} with an "
                                         f"exported ensemble")
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise HTTPException(404, detail=f"no model card: no {MODEL_CARD_FILE} beside {model.path.name} "
+        raise HTTPException(404, detail=f"no model card: no {CARD_FILE} beside {model.path.name} "
                                         f"(ensemble.build writes it into the exported ensemble folder)") from None
     except (OSError, UnicodeDecodeError) as exc:
         logger.warning("cannot read the model card %s: %s", path, exc)
-        raise HTTPException(500, detail=f"{MODEL_CARD_FILE} beside {model.path.name} is unreadable "
+        raise HTTPException(500, detail=f"{CARD_FILE} beside {model.path.name} is unreadable "
                                         f"({type(exc).__name__})") from None
 
 

@@ -3,77 +3,29 @@
 A checkpoint folder holds ``model.pt``: the weights plus everything needed to rebuild
 and run the model without any training config (model name and constructor args,
 class names in output order, image size, working resolution, channel handling and
-normalization, the metrics it was chosen on). Resuming training also needs
-``train_state.pt`` (optimizer, LR scheduler, grad scaler, epoch, early stopping).
-Both hold only tensors and plain Python values, so they load with
-``torch.load(weights_only=True)``: loading a checkpoint never runs pickled code.
+normalization (:class:`~covid_ray.artifacts.preprocess.Preprocess`), the metrics it was
+chosen on). Resuming training also needs ``train_state.pt`` (optimizer, LR scheduler,
+grad scaler, epoch, early stopping). Both hold only tensors and plain Python values, so
+they load with ``torch.load(weights_only=True)``: loading a checkpoint never runs pickled
+code. ``metadata.json`` repeats the description (no weights) as strict JSON.
 """
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from covid_ray.data.transforms import normalization_for, resize_for
+from covid_ray.artifacts.plain import torch_plain, write_json
+from covid_ray.artifacts.preprocess import Preprocess
 from covid_ray.models import create_model, model_spec
 
 FORMAT = "covid-ray-checkpoint/1"
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
-
-
-def _plain(value: Any) -> Any:
-    """Plain Python copy (NaN kept as float) so ``weights_only`` loading accepts it.
-
-    Exact types only: ``np.float64`` subclasses ``float`` and ``np.str_`` subclasses
-    ``str``, yet torch pickles them as numpy objects that a weights-only load refuses.
-    """
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if value is None or type(value) in (bool, int, float, str):
-        return value
-    if hasattr(value, "item"):
-        return value.item()
-    for kind in (bool, int, float, str):
-        if isinstance(value, kind):
-            return kind(value)
-    return str(value)
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN and infinities become null: metadata.json must be strict JSON."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def preprocess_spec(image_size: int, in_chans: int) -> dict:
-    mean, std = normalization_for(in_chans)
-    return {
-        "image_size": int(image_size),
-        "resize": resize_for(image_size),
-        "crop": "center",
-        "in_chans": int(in_chans),
-        "channel_handling": (
-            "grayscale input; first conv adapted to 1 channel"
-            if in_chans == 1
-            else "grayscale replicated to 3 channels"
-        ),
-        "mean": list(mean),
-        "std": list(std),
-        "value_range": "uint8 / 255 before normalization",
-    }
+METADATA_FILE = "metadata.json"
 
 
 def save_checkpoint(
@@ -97,16 +49,16 @@ def save_checkpoint(
         "model": spec,
         "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
         "classes": list(classes),
-        "preprocess": preprocess_spec(image_size, spec["in_chans"]),
-        "metrics": _plain(metrics),
+        "preprocess": Preprocess.for_model(image_size, spec["in_chans"]).to_dict(channel_handling=True),
+        "metrics": torch_plain(metrics),
         "epoch": int(epoch),
-        "config": _plain(config or {}),
+        "config": torch_plain(config or {}),
     }
     torch.save(payload, folder / MODEL_FILE)
     if train_state is not None:
         torch.save(train_state, folder / STATE_FILE)
-    meta = {k: payload[k] for k in ("format", "model", "classes", "preprocess", "metrics", "epoch")}
-    (folder / "metadata.json").write_text(json.dumps(_json_safe(meta), indent=2, allow_nan=False) + "\n")
+    write_json(folder / METADATA_FILE, {k: payload[k] for k in ("format", "model", "classes", "preprocess", "metrics",
+                                                                "epoch")})
     return folder
 
 
@@ -119,7 +71,8 @@ def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _model_file(path: str | Path) -> Path:
+def model_file(path: str | Path) -> Path:
+    """``model.pt`` of a checkpoint folder, or ``path`` itself when it is the file."""
     path = Path(path)
     return path / MODEL_FILE if path.is_dir() else path
 
@@ -131,7 +84,7 @@ def load_checkpoint(path: str | Path) -> dict:
         FileNotFoundError: nothing at ``path``.
         ValueError: the file is not a covid-ray checkpoint or is corrupt.
     """
-    file = _model_file(path)
+    file = model_file(path)
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint not found: {file}")
     try:
@@ -157,4 +110,3 @@ def load_train_state(folder: str | Path) -> dict | None:
     if not file.is_file():
         return None
     return torch.load(file, map_location="cpu", weights_only=True)
-
