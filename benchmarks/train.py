@@ -55,7 +55,7 @@ from benchmarks.common import (
     today,
     write_section,
 )
-from covid_ray.checkpoint import save_checkpoint
+from covid_ray.artifacts.checkpoint import save_checkpoint
 from covid_ray.config import TrialConfig
 from covid_ray.data.datasets import load_splits
 from covid_ray.data.layout import SYNTHETIC_MARKER
@@ -263,7 +263,7 @@ def fresh_import_seconds() -> dict[str, float]:
     """Import times in a fresh interpreter, as a new Ray worker pays them."""
     code = (
         "import time, json; t0 = time.perf_counter(); import torch; t1 = time.perf_counter(); "
-        "import covid_ray.train, covid_ray.metrics, covid_ray.data.datasets, covid_ray.checkpoint; "
+        "import covid_ray.train, covid_ray.metrics, covid_ray.data.datasets, covid_ray.artifacts.checkpoint; "
         "t2 = time.perf_counter(); print(json.dumps({'torch': t1 - t0, 'covid_ray': t2 - t1}))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
@@ -354,7 +354,7 @@ PHASES = [
     ("worker_actor", "worker actor created (a new Python process)"),
     ("train_context", "train context initialized on the worker (incl. torch import and the gloo process group)"),
     ("launch", "train function launched: unpickling `train_loop_per_worker` imports covid_ray.train "
-               "(torchvision, scikit-learn, pandas)"),
+               "(the engine, the datasets and pandas for the manifest)"),
     ("group_other", "other worker-group start steps and callbacks"),
     ("setup_first_ckpt", "loop set-up in the worker (manifest, cache open, model, optimizer) "
                          "+ epoch 1's checkpoint write and report"),
@@ -453,8 +453,8 @@ Where the start-up goes (timestamps from Ray Train's controller and worker logs)
 {why}
 
 In a fresh Python process `import torch` takes {imports['torch']:.1f} s and the covid_ray modules the loop
-imports another {imports['covid_ray']:.1f} s (torchvision pulls in `torch._dynamo`; `covid_ray.metrics`
-pulls in scikit-learn); the plain loop writes a checkpoint in {s['checkpoint']:.2f} s
+imports another {imports['covid_ray']:.1f} s (mostly pandas, which reads the split manifest; torchvision
+and scikit-learn are imported only where used); the plain loop writes a checkpoint in {s['checkpoint']:.2f} s
 ({s['n_ckpt']:.1f} per run); gloo `init_process_group` with world size 1 takes {out['gloo_init_s'] * 1000:.0f} ms.
 Per-epoch samples: plain {s['n_steady']['plain']}, Ray {s['n_steady']['ray']}.
 """
