@@ -186,12 +186,32 @@ def _first(lines, needle: str) -> float | None:
     return next((t for t, m in lines if needle in m), None)
 
 
-def startup_phases(t_fit: float, t_end: float, epochs: list[float]) -> dict[str, float] | None:
-    """Split a run's wall time using the timestamps in Ray Train's controller and worker logs.
+def report_clock(path: Path):
+    """A Ray Train callback writing the wall-clock time each report reaches the controller.
 
-    Returns seconds per phase, or None when the logs are not where Ray 2.60 puts them.
-    Report times come from the worker's own "Reporting training result k" lines, so they
-    carry no controller polling delay.
+    The worker's own "Reporting training result" log line is silenced by the loop
+    (covid_ray.train), so the controller times the reports. Built in a function: Ray
+    ships the class by value and the controller never imports this module.
+    """
+    from ray.train.v2.api.callback import UserCallback
+
+    class ReportClock(UserCallback):
+        def __init__(self, where: str):
+            self.where = where
+
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(self.where, "a") as f:
+                f.write(f"{time.time()}\n")
+
+    return ReportClock(str(path))
+
+
+def startup_phases(t_fit: float, t_end: float, epochs: list[float], reports: list[float]) -> dict[str, float] | None:
+    """Split a run's wall time using the Train controller's log and the report times.
+
+    Returns seconds per phase, or None when the controller's log is not where Ray 2.60
+    puts it. ``reports`` are the times the controller received each report; it polls
+    its worker every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, so each carries up to one poll.
     """
     folder = _train_log_dir()
     if folder is None or not folder.is_dir():
@@ -201,11 +221,9 @@ def startup_phases(t_fit: float, t_end: float, epochs: list[float]) -> dict[str,
         return bool(lines) and t_fit - 1 <= lines[0][0] <= t_end + 1
 
     controllers = [ls for f in folder.glob("ray-train-sys-controller-*.log") if in_run(ls := _log_lines(f))]
-    workers = [ls for f in folder.glob("ray-train-app-worker-*.log")
-               if in_run(ls := [x for x in _log_lines(f) if "Reporting training result" in x[1]])]
-    if len(controllers) != 1 or len(workers) != 1:
+    if len(controllers) != 1:
         return None
-    ctl, reports = controllers[0], [t for t, _ in workers[0]]
+    ctl = controllers[0]
     t_ctl = ctl[0][0]
     t_attempt = _first(ctl, "Attempting to start training worker group")
     t_started = _first(ctl, "Started training worker group")
@@ -239,10 +257,10 @@ def ray_run(flat: dict, storage: Path, threads: int, tag: str) -> dict:
     from covid_ray.artifacts.experiment import read_history
     from covid_ray.train import build_trainer, history_callback
 
-    history = storage / f"{tag}.jsonl"
+    history, clock = storage / f"{tag}.jsonl", storage / f"{tag}.reports"
     trainer = build_trainer(
         flat, num_workers=1, cpus_per_worker=float(threads), storage_path=storage, name=tag, max_failures=0,
-        callbacks=[history_callback(history)], worker_env={"OMP_NUM_THREADS": str(threads)},
+        callbacks=[history_callback(history), report_clock(clock)], worker_env={"OMP_NUM_THREADS": str(threads)},
     )
     t_fit = time.time()
     t0 = time.perf_counter()
@@ -256,7 +274,7 @@ def ray_run(flat: dict, storage: Path, threads: int, tag: str) -> dict:
     if [r["epoch"] for r in rows] != list(range(1, len(rows) + 1)) or len(rows) != flat["epochs"]:
         raise RuntimeError(f"Ray Train run {tag} reported epochs {[r['epoch'] for r in rows]}")
     return {"fit_s": wall, "epochs": epochs, "startup_s": wall - sum(epochs), "metrics": rows[-1],
-            "phases": startup_phases(t_fit, t_end, epochs)}
+            "phases": startup_phases(t_fit, t_end, epochs, [float(t) for t in clock.read_text().split()])}
 
 
 def fresh_import_seconds() -> dict[str, float]:
@@ -356,10 +374,11 @@ PHASES = [
     ("launch", "train function launched: unpickling `train_loop_per_worker` imports covid_ray.train "
                "(the engine, the datasets and pandas for the manifest)"),
     ("group_other", "other worker-group start steps and callbacks"),
-    ("setup_first_ckpt", "loop set-up in the worker (manifest, cache open, model, optimizer) "
+    ("setup_first_ckpt", "loop set-up in the worker (manifest, cache open, model, optimizer: the first one "
+                         "imports torch._dynamo) "
                          "+ epoch 1's checkpoint write and report"),
     ("reports", "per-epoch checkpoint write + upload + report, epochs 2..N together"),
-    ("notice_end", "last report to the controller noticing the end (it polls the worker every "
+    ("notice_end", "last report received to the controller noticing the end (it polls the worker every "
                    "`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`, default 2 s, and takes one report per poll)"),
     ("shutdown", "worker group shutdown and `fit()` returning"),
 ]
@@ -446,7 +465,7 @@ Epoch time is the same region in both loops: one training epoch, then prediction
 validation split and its metrics (Ray's `epoch_time_s`). With one worker Ray Train adds no DDP
 wrapper and no `DistributedSampler`, so the ratio is the cost of running inside a Ray worker.
 
-Where the start-up goes (timestamps from Ray Train's controller and worker logs):
+Where the start-up goes (timestamps from Ray Train's controller log, and the time each report reached the controller):
 
 {breakdown}
 
