@@ -9,6 +9,8 @@ import os
 import platform
 import re
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -43,6 +45,23 @@ def last_json(stdout: str):
             except json.JSONDecodeError:
                 continue
     raise ValueError(f"no JSON line in the output:\n{stdout[-2000:]}")
+
+
+def fresh_interpreter_seconds(step: str, *, before: str = "", repeats: int = 1,
+                              watch: tuple[str, ...] = ()) -> dict:
+    """Seconds ``step`` takes in a new interpreter (after ``before``, untimed), as a new Ray worker pays it.
+
+    Runs in the repository, so covid_ray imports. Returns ``{"s": median over repeats}``
+    and, for each module in ``watch``, whether ``step`` imported it.
+    """
+    code = (
+        f"import sys, time, json\n{before}\nseen = set(sys.modules)\nt = time.perf_counter()\n{step}\n"
+        "s = time.perf_counter() - t\nnew = set(sys.modules) - seen\n"
+        f"print(json.dumps({{'s': s, **{{m: m in new for m in {list(watch)!r}}}}}))"
+    )
+    runs = [last_json(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                                     check=True).stdout) for _ in range(repeats)]
+    return {**runs[-1], "s": statistics.median(r["s"] for r in runs)}
 
 
 def ensure_bench_dataset(root: Path = BENCH_DATA) -> Path:

@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +47,7 @@ import torch
 from benchmarks.common import (
     REPO,
     ensure_bench_dataset,
-    last_json,
+    fresh_interpreter_seconds,
     machine_note,
     markdown_table,
     median,
@@ -277,17 +276,6 @@ def ray_run(flat: dict, storage: Path, threads: int, tag: str) -> dict:
             "phases": startup_phases(t_fit, t_end, epochs, [float(t) for t in clock.read_text().split()])}
 
 
-def fresh_import_seconds() -> dict[str, float]:
-    """Import times in a fresh interpreter, as a new Ray worker pays them."""
-    code = (
-        "import time, json; t0 = time.perf_counter(); import torch; t1 = time.perf_counter(); "
-        "import covid_ray.train, covid_ray.metrics, covid_ray.data.datasets, covid_ray.artifacts.checkpoint; "
-        "t2 = time.perf_counter(); print(json.dumps({'torch': t1 - t0, 'covid_ray': t2 - t1}))"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
-    return last_json(proc.stdout)
-
-
 def gloo_init_seconds() -> float:
     """``init_process_group("gloo")`` with world size 1, as Ray's TorchConfig does on a worker."""
     import socket
@@ -361,7 +349,12 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         ray.shutdown()
     out["gloo_init_s"] = gloo_init_seconds()
-    out["imports"] = fresh_import_seconds()
+    out["imports"] = {
+        "torch": fresh_interpreter_seconds("import torch")["s"],
+        "covid_ray": fresh_interpreter_seconds(
+            "import covid_ray.train, covid_ray.metrics, covid_ray.data.datasets, covid_ray.artifacts.checkpoint",
+            before="import torch")["s"],
+    }
     out["sizes"] = (out["plain"][0]["train_images"], out["plain"][0]["val_images"])
     return out
 

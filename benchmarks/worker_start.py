@@ -11,7 +11,7 @@ back:
   a bare actor; one that imports torch (as the controller and the worker do); the same with
   torch preloaded by a job-level ``worker_process_setup_hook``; and with Ray's worker
   prestart on (``RAY_enable_worker_prestart``, a larger ``RAY_num_workers_soft_limit``),
-  which hands an idle, already-started process to an actor.
+  which may hand an idle, already-started process to an actor.
 
 Each case runs in its own process (its own ``ray.init``), one after the other, never two
 Ray instances at once. Writes a section of BENCHMARKS.md.
@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks.common import last_json, machine_note, markdown_table, today, write_section
+from benchmarks.common import fresh_interpreter_seconds, last_json, machine_note, markdown_table, today, write_section
 
 SECTION = "Trial start-up: Ray processes, imports and the worker pool (`python -m benchmarks.worker_start`)"
 # What a new process runs before training, each timed alone in a fresh interpreter (the
@@ -40,23 +40,13 @@ STEPS = {
     "first `torch.optim.Adam(...)` after `import torch`": (
         "import torch", "torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])"),
 }
+WATCH = ("torch", "torch._dynamo", "pandas", "sklearn")
 CASES = {
     "bare": "an actor, nothing imported",
     "torch": "an actor that imports torch (as Train's controller and worker do)",
     "hook": "the same, torch preloaded by the job's `worker_process_setup_hook`",
     "prestart": "the same, hook + worker prestart (`RAY_enable_worker_prestart=1`, soft limit 8)",
 }
-
-def step_cost(before: str, step: str, repeats: int) -> dict:
-    """Median seconds of ``step`` (after ``before``) in a fresh interpreter, and what it imported."""
-    code = (
-        f"import sys, time, json\n{before}\nseen = set(sys.modules)\nt = time.perf_counter()\n{step}\n"
-        "s = time.perf_counter() - t\nnew = set(sys.modules) - seen\n"
-        "print(json.dumps({'s': s, **{m: m in new for m in ('torch', 'torch._dynamo', 'pandas', 'sklearn')}}))"
-    )
-    runs = [last_json(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                     check=True).stdout) for _ in range(repeats)]
-    return {**runs[-1], "s": statistics.median(r["s"] for r in runs)}
 
 
 def actor_case(case: str, actors: int) -> dict:
@@ -95,7 +85,8 @@ def actor_case(case: str, actors: int) -> dict:
 
 
 def run(args) -> dict:
-    imports = {label: step_cost(*code, args.repeats) for label, code in STEPS.items()}
+    imports = {label: fresh_interpreter_seconds(step, before=before, repeats=args.repeats, watch=WATCH)
+               for label, (before, step) in STEPS.items()}
     cases = {}
     for case in CASES:
         proc = subprocess.run([sys.executable, "-m", "benchmarks.worker_start", "--case", case,
@@ -105,7 +96,7 @@ def run(args) -> dict:
 
 
 def render(out: dict, command: str) -> str:
-    rows = [[label, f"{r['s']:.2f}", ", ".join(k for k in ("torch", "torch._dynamo", "pandas", "sklearn")
+    rows = [[label, f"{r['s']:.2f}", ", ".join(k for k in WATCH
                                                if r[k] and f"import {k}`" not in label) or "-"]
             for label, r in out["imports"].items()]
     imports = markdown_table(["in a fresh interpreter", "median s", "imported on the way"], rows)
