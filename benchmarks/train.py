@@ -369,8 +369,8 @@ PHASES = [
     ("group_other", "other worker-group start steps and callbacks"),
     ("setup_first_ckpt", "loop set-up in the worker (manifest, cache open, model, optimizer: the first one "
                          "imports torch._dynamo) "
-                         "+ epoch 1's checkpoint write and report"),
-    ("reports", "per-epoch checkpoint write + upload + report, epochs 2..N together"),
+                         "+ epoch 1's checkpoint encoding and report"),
+    ("reports", "per-epoch checkpoint encoding + report, epochs 2..N together (the write runs beside the next epoch)"),
     ("notice_end", "last report received to the controller noticing the end (it polls the worker every "
                    "`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`, default 2 s, and takes one report per poll)"),
     ("shutdown", "worker group shutdown and `fit()` returning"),
@@ -432,12 +432,14 @@ def render(out: dict, s: dict, command: str) -> str:
             ("The epoch-time target is missed: see the per-epoch samples; the loops run the same "
              "code, so a gap points at the worker's environment (threads, CPU share). " if not ratio_ok else "")
             + ("The start-up target is missed. Most of the start-up is fixed by how Ray Train runs "
-               "a job: every `fit()` starts two new processes (the Train controller and the worker), "
-               "the worker imports torch and covid_ray before its first step, and the controller "
-               "notices the end of the loop only at its next status poll. A shorter poll "
-               "(`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`, `--poll` here) and lighter imports in "
-               "`covid_ray.train` shorten it; the process starts and torch's import remain. Under "
-               "Ray Tune each trial pays this start-up, while `ray.init` is paid once." if not startup_ok else "")
+               "a job: every `fit()` starts new processes (the Train controller, the worker, and "
+               "beside them a synchronization actor and a placement-group cleaner), the controller "
+               "and the worker import torch (Ray's `TorchConfig` does), and the controller notices "
+               "the end of the loop only at its next status poll. covid-ray already leaves out what "
+               "it can: Ray Data's per-run manager and the preemption watcher (two processes), "
+               "scikit-learn in the worker, and checkpoint writes on the loop's path (they run in "
+               "Ray's upload thread). Under Ray Tune each trial pays this start-up, while `ray.init` "
+               "is paid once." if not startup_ok else "")
         )
     return f"""\
 Command: `{command}` &nbsp; Date: {today()}

@@ -125,8 +125,11 @@ def render(out: dict, command: str) -> str:
     return f"""Command: `{command}` &nbsp; Date: {today()}
 Machine: {machine_note()}.
 
-A trial starts three Ray actors, each a new Python process: Tune's trial driver, Ray Train's
-controller and Ray Train's worker. Imports, each in a fresh interpreter:
+A trial starts three Ray actors on its critical path, each a new Python process: Tune's trial
+driver, Ray Train's controller and Ray Train's worker. Beside them Ray 2.60 starts, per trial,
+Tune's report queue, Train's synchronization actor and placement-group cleaner, and (unless
+covid-ray leaves them out, as it does) a Ray Data manager and a preemption watcher: more
+processes sharing the same cores. Imports, each in a fresh interpreter:
 
 {imports}
 

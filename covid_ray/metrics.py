@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-# scikit-learn is imported inside the functions that use it: importing it costs about
-# a second, paid by every new Ray Train worker that only needs validation_summary.
+# scikit-learn is imported inside the functions that use it (ROC-AUC): importing it costs
+# about a second, and a Ray Train worker, which only needs validation_summary, never pays it.
 
 logger = logging.getLogger(__name__)
 
@@ -93,22 +93,21 @@ def roc_auc_per_class(y_true: np.ndarray, y_prob: np.ndarray) -> np.ndarray:
 
 def accuracy(y_true: np.ndarray, y_prob: np.ndarray) -> float:
     """Top-1 accuracy of ``argmax(y_prob)``; a ready-made ``metric_fn`` for ``bootstrap_ci``."""
-    from sklearn.metrics import accuracy_score
-
     y_true, y_prob = _check_inputs(y_true, y_prob)
-    return float(accuracy_score(y_true, y_prob.argmax(axis=1)))
+    return float(confusion_metrics(confusion_matrix(y_true, y_prob.argmax(axis=1), y_prob.shape[1]))["accuracy"])
 
 
 def macro_f1(y_true: np.ndarray, y_prob: np.ndarray) -> float:
     """Macro F1 over classes present in ``y_true`` or the predictions (sklearn's default)."""
-    from sklearn.metrics import precision_recall_fscore_support
-
     y_true, y_prob = _check_inputs(y_true, y_prob)
-    labels = np.arange(y_prob.shape[1])
-    _, _, f1, _ = precision_recall_fscore_support(
-        y_true, y_prob.argmax(axis=1), labels=labels, zero_division=np.nan
-    )
-    return _nanmean(f1)
+    return float(confusion_metrics(confusion_matrix(y_true, y_prob.argmax(axis=1), y_prob.shape[1]))["macro_f1"])
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """``cm[i, j]``: samples of true class i predicted as j (integer labels in ``[0, num_classes)``)."""
+    k = int(num_classes)
+    cells = np.asarray(y_true, dtype=np.int64) * k + np.asarray(y_pred, dtype=np.int64)
+    return np.bincount(cells, minlength=k * k).reshape(k, k)
 
 
 def compute_metrics(y_true: np.ndarray, y_prob: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
@@ -127,35 +126,29 @@ def compute_metrics(y_true: np.ndarray, y_prob: np.ndarray, class_names: Sequenc
         and ROC-AUC of a class absent from ``y_true``, F1 of a class absent from
         both. ``macro_f1`` and ``balanced_accuracy`` (mean recall) average over
         the defined classes, as sklearn's ``f1_score(average="macro")`` and
-        ``balanced_accuracy_score`` do.
+        ``balanced_accuracy_score`` do. All but ROC-AUC come from the confusion
+        matrix through :func:`confusion_metrics`, the bootstrap's own definition.
     """
-    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
-
     y_true, y_prob = _check_inputs(y_true, y_prob, len(class_names))
-    labels = np.arange(len(class_names))
-    y_pred = y_prob.argmax(axis=1)
-    cm = confusion_matrix(y_true, y_pred, labels=labels)
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=np.nan
-    )
-    specificity = specificity_per_class(cm)
+    cm = confusion_matrix(y_true, y_prob.argmax(axis=1), len(class_names))
+    stats = confusion_metrics(cm)
     aucs = roc_auc_per_class(y_true, y_prob)
     per_class = {
         name: {
-            "precision": float(precision[k]),
-            "recall": float(recall[k]),
-            "specificity": float(specificity[k]),
-            "f1": float(f1[k]),
-            "support": int(support[k]),
+            "precision": float(stats["precision"][k]),
+            "recall": float(stats["recall"][k]),
+            "specificity": float(stats["specificity"][k]),
+            "f1": float(stats["f1"][k]),
+            "support": int(cm[k].sum()),
             "roc_auc": float(aucs[k]),
         }
         for k, name in enumerate(class_names)
     }
     return {
         "num_samples": int(len(y_true)),
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": _nanmean(f1),
-        "balanced_accuracy": _nanmean(recall),
+        "accuracy": float(stats["accuracy"]),
+        "macro_f1": float(stats["macro_f1"]),
+        "balanced_accuracy": float(stats["balanced_accuracy"]),
         "roc_auc_macro": _nanmean(aucs),
         "per_class": per_class,
         "confusion_matrix": cm.tolist(),
@@ -365,7 +358,7 @@ def paired_bootstrap_ci(
     y_true, prob_a = _check_inputs(y_true, prob_a)
     _, prob_b = _check_inputs(y_true, prob_b, prob_a.shape[1])
     k = prob_a.shape[1]
-    point = [confusion_metrics(np.bincount(y_true * k + p.argmax(axis=1), minlength=k * k).reshape(k, k))[metric]
+    point = [confusion_metrics(confusion_matrix(y_true, p.argmax(axis=1), k))[metric]
              for p in (prob_a, prob_b)]
     diff = (confusion_metrics(resampled_confusions(y_true, prob_a, resamples))[metric]
             - confusion_metrics(resampled_confusions(y_true, prob_b, resamples))[metric])
@@ -408,16 +401,20 @@ def bootstrap_ci(
 def validation_summary(y_true: np.ndarray, logits: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
     """Flat metrics the training loop reports each epoch (the loss is added by the caller).
 
+    The values of :func:`compute_metrics`, without its ROC-AUC: numpy alone, so the
+    training worker never imports scikit-learn.
+
     Returns:
         ``val_accuracy``, ``val_macro_f1``, ``val_balanced_accuracy`` and
         ``val_recall/<class name>`` for each class (NaN if absent from ``y_true``).
     """
-    metrics = compute_metrics(y_true, softmax(logits), class_names)
+    y_true, y_prob = _check_inputs(y_true, softmax(logits), len(class_names))
+    stats = confusion_metrics(confusion_matrix(y_true, y_prob.argmax(axis=1), len(class_names)))
     summary = {
-        "val_accuracy": metrics["accuracy"],
-        "val_macro_f1": metrics["macro_f1"],
-        "val_balanced_accuracy": metrics["balanced_accuracy"],
+        "val_accuracy": float(stats["accuracy"]),
+        "val_macro_f1": float(stats["macro_f1"]),
+        "val_balanced_accuracy": float(stats["balanced_accuracy"]),
     }
-    for name in class_names:
-        summary[f"val_recall/{name}"] = metrics["per_class"][name]["recall"]
+    for k, name in enumerate(class_names):
+        summary[f"val_recall/{name}"] = float(stats["recall"][k])
     return summary

@@ -8,8 +8,9 @@ search trial (``covid_ray.tune``) runs the same :func:`train_loop_per_worker`.
 The math lives in :mod:`covid_ray.engine`; this file only wires it to Ray: data
 loaders get a ``DistributedSampler``, validation predictions are gathered from every
 worker so metrics cover the whole validation split, rank 0 writes a checkpoint when
-the metric improves, every epoch is reported, and a restarted run resumes from the
-checkpoint Ray hands it (model, optimizer, scheduler, scaler, epoch, early stopping).
+the metric improves (beside the next epoch, in Ray Train's upload thread), every epoch
+is reported, and a restarted run resumes from the checkpoint Ray hands it (model,
+optimizer, scheduler, scaler, epoch, early stopping).
 """
 from __future__ import annotations
 
@@ -17,9 +18,12 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
+import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from covid_ray.artifacts.checkpoint import load_checkpoint, load_train_state, save_checkpoint
+from covid_ray.artifacts.checkpoint import encode_checkpoint, load_checkpoint, load_train_state, write_checkpoint_files
 from covid_ray.artifacts.experiment import read_history
 from covid_ray.config import AMP_MODES, OPTIMIZERS, TrialConfig, flat_defaults
 from covid_ray.engine import TrainingRun, run_epoch, setup_run
@@ -81,24 +85,73 @@ def _resume(run: TrainingRun, rank: int) -> int:
     return epoch
 
 
-def _report(run: TrainingRun, metrics: dict, *, with_checkpoint: bool) -> None:
-    """Report the epoch to Ray Train; with a self-describing checkpoint of this epoch when asked."""
+def _report(run: TrainingRun, metrics: dict, *, with_checkpoint: bool) -> threading.Event | None:
+    """Report the epoch to Ray Train; with a self-describing checkpoint of this epoch when asked.
+
+    A checkpoint is large (``seed_cnn``'s weights and Adam state are 312 MB), and a slow
+    disk took seconds per improving epoch to take it. On a local (or mounted) storage
+    path, the checkpoint is encoded in memory here, a snapshot taken before the next
+    epoch changes the weights, and Ray Train's upload thread writes it into the run's own
+    folder and renames it into place while the next epoch trains
+    (``CheckpointUploadMode.ASYNC``): it is written once, never seen partial, and Ray
+    reports the epoch once it is there. An object store gets Ray's own upload from a
+    local temporary folder, before the next epoch: uploaded beside it, the two-node S3
+    recovery test (``tests/test_storage.py``) restarted its killed trial from scratch.
+
+    Returns:
+        An event set once the checkpoint's writing ended (None without a checkpoint).
+    """
     import ray.train
 
     if not with_checkpoint:
         ray.train.report(metrics)
-        return
+        return None
     cfg = run.cfg
-    with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(tmp, run.model, classes=run.classes, image_size=cfg.data.image_size, metrics=metrics,
-                        epoch=int(metrics["epoch"]), config=cfg.to_flat(), train_state=run.train_state())
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    files = encode_checkpoint(run.model, classes=run.classes, image_size=cfg.data.image_size, metrics=metrics,
+                              epoch=int(metrics["epoch"]), config=cfg.to_flat(), train_state=run.train_state())
+    written = threading.Event()
+    storage = ray.train.get_context().get_storage()
+    if not _is_local_filesystem(storage.storage_filesystem):
+        with tempfile.TemporaryDirectory() as tmp:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(
+                str(write_checkpoint_files(tmp, files))))
+        written.set()
+        return written
+    staging = Path(storage.experiment_fs_path, f".checkpoint-{uuid.uuid4().hex}")
+    staging.mkdir()
+
+    def upload(checkpoint, checkpoint_dir_name: str):  # in Ray Train's upload thread
+        try:
+            write_checkpoint_files(staging, files)
+            destination = storage.build_checkpoint_path_from_name(checkpoint_dir_name)
+            os.replace(staging, destination)  # same folder, same filesystem: atomic, no copy
+            return ray.train.Checkpoint(path=destination, filesystem=storage.storage_filesystem)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone already when renamed
+            written.set()
+
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(staging)),
+                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC, checkpoint_upload_fn=upload,
+                     delete_local_checkpoint_after_upload=False)  # upload() leaves nothing behind
+    return written
 
 
-def _fault_hook(rank: int, epoch: int, best_epoch: int) -> None:
-    """Fault injection for the recovery tests: a hard crash of one rank after an epoch."""
+def _is_local_filesystem(filesystem) -> bool:
+    import pyarrow.fs
+
+    return isinstance(filesystem, pyarrow.fs.LocalFileSystem)
+
+
+def _fault_hook(rank: int, epoch: int, best_epoch: int, checkpoint_written: threading.Event | None) -> None:
+    """Fault injection for the recovery tests: a hard crash of one rank after an epoch.
+
+    The crash comes once this rank's checkpoint of the epoch is written, so the marker's
+    ``last_checkpoint_epoch`` names a checkpoint that exists.
+    """
     fail_at = os.environ.get("COVID_RAY_FAIL_AT_EPOCH")
     if fail_at and rank == int(os.environ.get("COVID_RAY_FAIL_RANK", "0")) and epoch == int(fail_at):
+        if checkpoint_written is not None:
+            checkpoint_written.wait(timeout=120)
         marker = Path(os.environ.get("COVID_RAY_FAIL_MARKER", ""))
         if marker.name and not marker.exists():
             marker.write_text(json.dumps({"killed_at_epoch": epoch, "last_checkpoint_epoch": best_epoch}))
@@ -145,12 +198,12 @@ def train_loop_per_worker(flat_config: dict) -> None:
                 f"{metric} {metrics[metric]:.4f}{' *' if step.improved else ''} ({metrics['epoch_time_s']:.1f}s)",
                 flush=True,
             )
-        _report(run, metrics, with_checkpoint=step.improved and rank == 0)
+        written = _report(run, metrics, with_checkpoint=step.improved and rank == 0)
         if run.early.should_stop:
             if rank == 0:
                 print(f"[covid-ray] early stop: no {metric} gain for {run.early.bad_epochs} epochs", flush=True)
             break
-        _fault_hook(rank, epoch + 1, run.early.best_epoch)
+        _fault_hook(rank, epoch + 1, run.early.best_epoch, written)
 
 
 HISTORY_FILE = "history.jsonl"
@@ -197,6 +250,26 @@ def history_callback(where: str | Path):
     return _history_callback_class()(str(where))
 
 
+def _trainer_class():
+    """``TorchTrainer``, less Ray Data's per-run actor when the run has no Ray Datasets.
+
+    Ray Train 2.60 starts a ``DatasetManager`` actor (a process importing Ray Data) for
+    every run, datasets or not. The loop reads its images with torch's DataLoader, so
+    that process would only add to every trial's start-up on a small machine.
+    """
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [cb for cb in callbacks if not isinstance(cb, DatasetsCallback)]
+
+    return Trainer
+
+
 def build_trainer(
     flat_config: dict,
     *,
@@ -212,13 +285,13 @@ def build_trainer(
 ):
     """A ``TorchTrainer`` for one configuration (validated here, before any worker starts)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     cfg = TrialConfig.from_flat(flat_config)
     resources: dict[str, float] = {"CPU": cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1.0 if gpus_per_worker is None else gpus_per_worker
-    return TorchTrainer(
+    return _trainer_class()(
         train_loop_per_worker,
         train_loop_config=cfg.to_flat(),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

@@ -44,7 +44,7 @@ from covid_ray.data.io import BadImageError, read_grayscale
 from covid_ray.data.scan import find_dataset_root
 from covid_ray.data.transforms import normalization_for
 from covid_ray.gradcam import mask_in_crop
-from covid_ray.metrics import confusion_metrics
+from covid_ray.metrics import confusion_matrix, confusion_metrics
 
 from ensemble.calibrate import apply_temperature
 from ensemble.combine import soft_vote
@@ -141,8 +141,7 @@ def permutation_null(labels: np.ndarray, pred: np.ndarray, k: int, *, n: int = P
 
 def _scores(labels: np.ndarray, probs: np.ndarray, k: int) -> dict:
     pred = probs.argmax(axis=1)
-    cm = np.bincount(labels * k + pred, minlength=k * k).reshape(k, k)
-    stats = confusion_metrics(cm)
+    stats = confusion_metrics(confusion_matrix(labels, pred, k))
     return {"macro_f1": float(stats["macro_f1"]), "accuracy": float(stats["accuracy"]),
             "chance": permutation_null(labels, pred, k),
             "predicted_counts": np.bincount(pred, minlength=k).tolist()}

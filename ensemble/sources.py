@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import chi2_contingency
 
-from covid_ray.metrics import confusion_metrics
+from covid_ray.metrics import confusion_matrix, confusion_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def source_analysis(manifest: pd.DataFrame, root: str | Path, classes: list[str]
     rule = {s: int(g.value_counts().idxmax()) for s, g in pd.Series(y[train]).groupby(sources.to_numpy()[train])}
     pred = np.array([rule.get(s, overall) for s in test_src])
     k = len(classes)
-    stats = confusion_metrics(np.bincount(test_y * k + pred, minlength=k * k).reshape(k, k))
+    stats = confusion_metrics(confusion_matrix(test_y, pred, k))
     out["source_only_classifier"] = {"fitted_on": "train", "evaluated_on": "test",
                                      "accuracy": float(stats["accuracy"]), "macro_f1": float(stats["macro_f1"])}
     return out

@@ -10,12 +10,15 @@ from torch import nn
 
 from covid_ray.artifacts.checkpoint import (
     FORMAT,
+    METADATA_FILE,
     MODEL_FILE,
     STATE_FILE,
+    encode_checkpoint,
     load_checkpoint,
     load_train_state,
     model_from_checkpoint,
     save_checkpoint,
+    write_checkpoint_files,
 )
 from covid_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_for
 from covid_ray.engine import EarlyStopping
@@ -38,6 +41,31 @@ def _trained_a_little(name: str, in_chans: int) -> nn.Module:
     loss.backward()
     opt.step()
     return model.eval()
+
+
+def test_an_encoded_checkpoint_is_a_snapshot_that_later_training_does_not_change(tmp_path):
+    """Training goes on while Ray Train's upload thread writes the encoded bytes."""
+    model = _trained_a_little(SMALL, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model.train()
+    model(torch.randn(4, 1, SIZE, SIZE)).sum().backward()
+    opt.step()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moment = {k: v.clone() for k, v in opt.state_dict()["state"][0].items()}
+    files = encode_checkpoint(model, classes=CLASSES, image_size=SIZE, metrics={"val_macro_f1": 0.5}, epoch=2,
+                              train_state={"optimizer": opt.state_dict()})
+    assert set(files) == {MODEL_FILE, STATE_FILE, METADATA_FILE}
+    model(torch.randn(4, 1, SIZE, SIZE)).sum().backward()  # the next epoch, in place
+    opt.step()
+    assert not torch.equal(model.state_dict()["classifier.3.weight"], before["classifier.3.weight"])
+    write_checkpoint_files(tmp_path / "ckpt", files)
+    saved = load_checkpoint(tmp_path / "ckpt")["state_dict"]
+    for key, value in before.items():
+        assert torch.equal(saved[key], value), key
+    state = load_train_state(tmp_path / "ckpt")["optimizer"]["state"][0]
+    for key, value in moment.items():
+        assert torch.equal(state[key], value), key
+    assert json.loads((tmp_path / "ckpt" / METADATA_FILE).read_text())["epoch"] == 2
 
 
 @pytest.mark.parametrize("name", ["seed_cnn", "resnet18"])

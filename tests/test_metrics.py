@@ -178,6 +178,44 @@ def test_validation_summary_keys_and_values():
     assert all(isinstance(v, float) for v in summary.values())
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_validation_summary_equals_sklearn_with_absent_and_never_predicted_classes(seed):
+    rng = np.random.default_rng(seed)
+    k, n = 4, 30
+    y = rng.integers(0, k - 1, n)  # class 3 absent from the truth
+    logits = rng.normal(size=(n, k)) + 2.0 * np.eye(k)[y]
+    logits[:, 3] -= 50.0 * (seed % 2)  # and, for odd seeds, never predicted either
+    names = ["a", "b", "c", "d"]
+    summary = validation_summary(y, logits, names)
+    pred = softmax(logits).argmax(axis=1)
+    _, recall, f1, _ = precision_recall_fscore_support(y, pred, labels=np.arange(k), zero_division=np.nan)
+    assert summary["val_accuracy"] == pytest.approx(accuracy_score(y, pred), rel=1e-12)
+    assert summary["val_macro_f1"] == pytest.approx(np.nanmean(f1), rel=1e-12)
+    assert summary["val_balanced_accuracy"] == pytest.approx(np.nanmean(recall), rel=1e-12)
+    assert math.isnan(summary["val_recall/d"])
+    full = compute_metrics(y, softmax(logits), names)
+    assert summary["val_macro_f1"] == full["macro_f1"] and summary["val_accuracy"] == full["accuracy"]
+
+
+def test_the_training_step_never_imports_sklearn():
+    """A Ray Train worker pays every import of the epoch path at each trial's start.
+
+    (pandas is not checked: Ray Train's worker imports it on its own.)
+    """
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "import covid_ray.engine\n"
+        "from covid_ray.metrics import validation_summary\n"
+        "validation_summary(np.array([0, 1, 1]), np.eye(2)[[0, 1, 0]], ['a', 'b'])\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_softmax_is_stable():
     p = softmax(np.array([[1000.0, 1000.0], [0.0, -1000.0]]))
     np.testing.assert_allclose(p, [[0.5, 0.5], [1.0, 0.0]])

@@ -99,6 +99,20 @@ def test_killed_worker_resumes_from_its_checkpoint(easy_split, tmp_path, ray_ses
     assert all(h["resumed_from_epoch"] == 0 for h in history[: len(history) - len(after)])
     metrics, path = best_of(result, "val_macro_f1")
     assert path and load_checkpoint(path)["epoch"] == metrics["epoch"]
+    # Checkpoints are written beside the run and renamed into place: complete, no staging left.
+    run_dir = tmp_path / "runs" / "recover"
+    assert not list(run_dir.glob(".checkpoint-*"))
+    checkpoints = [folder for folder in run_dir.glob("checkpoint_*") if folder.is_dir()]
+    assert checkpoints
+    for folder in checkpoints:
+        assert {p.name for p in folder.iterdir()} == {"model.pt", "train_state.pt", "metadata.json"}
+    # The processes a run starts: no Ray Data manager (no Ray Datasets here) and no preemption
+    # watcher (the embedded Ray is one machine), each a process per trial otherwise.
+    from ray.util.state import list_actors
+
+    started = {a.class_name for a in list_actors(limit=1000)}
+    assert "TrainController" in started and "RayTrainWorker" in started
+    assert not started & {"DatasetManager", "PreemptionWatcher"}, started
 
 
 def test_without_failures_left_the_error_is_reported(easy_split, tmp_path, ray_session):

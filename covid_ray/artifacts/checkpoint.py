@@ -12,13 +12,14 @@ code. ``metadata.json`` repeats the description (no weights) as strict JSON.
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from covid_ray.artifacts.plain import torch_plain, write_json
+from covid_ray.artifacts.plain import json_text, torch_plain
 from covid_ray.artifacts.preprocess import Preprocess
 from covid_ray.models import create_model, model_spec
 
@@ -28,8 +29,7 @@ STATE_FILE = "train_state.pt"
 METADATA_FILE = "metadata.json"
 
 
-def save_checkpoint(
-    folder: str | Path,
+def encode_checkpoint(
     model: nn.Module,
     *,
     classes: list[str],
@@ -38,10 +38,11 @@ def save_checkpoint(
     epoch: int,
     config: dict[str, Any] | None = None,
     train_state: dict[str, Any] | None = None,
-) -> Path:
-    """Write ``model.pt`` (and ``train_state.pt`` when given) into ``folder``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+) -> dict[str, bytes]:
+    """The checkpoint's files (name -> bytes): ``model.pt``, ``train_state.pt`` when given, ``metadata.json``.
+
+    A snapshot in memory: training may go on while :func:`write_checkpoint_files` writes it.
+    """
     module = model.module if hasattr(model, "module") else model  # unwrap DDP
     spec = model_spec(module)
     payload = {
@@ -54,12 +55,33 @@ def save_checkpoint(
         "epoch": int(epoch),
         "config": torch_plain(config or {}),
     }
-    torch.save(payload, folder / MODEL_FILE)
+    files = {MODEL_FILE: _torch_bytes(payload)}
     if train_state is not None:
-        torch.save(train_state, folder / STATE_FILE)
-    write_json(folder / METADATA_FILE, {k: payload[k] for k in ("format", "model", "classes", "preprocess", "metrics",
-                                                                "epoch")})
+        files[STATE_FILE] = _torch_bytes(train_state)
+    files[METADATA_FILE] = json_text(
+        {k: payload[k] for k in ("format", "model", "classes", "preprocess", "metrics", "epoch")}
+    ).encode()
+    return files
+
+
+def _torch_bytes(value: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def write_checkpoint_files(folder: str | Path, files: dict[str, bytes]) -> Path:
+    """Write :func:`encode_checkpoint`'s files into ``folder`` (created when missing)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)  # the GIL is released while the bytes go to disk
     return folder
+
+
+def save_checkpoint(folder: str | Path, model: nn.Module, **description: Any) -> Path:
+    """Write ``model.pt`` (and ``train_state.pt`` when given) into ``folder``; see :func:`encode_checkpoint`."""
+    return write_checkpoint_files(folder, encode_checkpoint(model, **description))
 
 
 def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -46,8 +46,13 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def write_json(path: str | Path, value: Any) -> Path:
+def json_text(value: Any) -> str:
     """``value`` as strict, indented JSON with a final newline (the layout of every JSON file here)."""
+    return json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n"
+
+
+def write_json(path: str | Path, value: Any) -> Path:
+    """Write :func:`json_text` of ``value`` to ``path``."""
     path = Path(path)
-    path.write_text(json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n")
+    path.write_text(json_text(value))
     return path
