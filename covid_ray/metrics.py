@@ -64,20 +64,6 @@ def _nanmean(values: np.ndarray) -> float:
     return float(finite.mean()) if finite.size else float("nan")
 
 
-def specificity_per_class(cm: np.ndarray) -> np.ndarray:
-    """One-vs-rest specificity TN / (TN + FP) per class from a confusion matrix.
-
-    ``cm[i, j]`` counts samples of true class i predicted as j. NaN for a class
-    with no negatives (every sample belongs to it).
-    """
-    cm = np.asarray(cm, dtype=np.float64)
-    tp = np.diag(cm)
-    fp = cm.sum(axis=0) - tp
-    tn = cm.sum() - cm.sum(axis=1) - fp
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(tn + fp > 0, tn / (tn + fp), np.nan)
-
-
 def roc_auc_per_class(y_true: np.ndarray, y_prob: np.ndarray) -> np.ndarray:
     """One-vs-rest ROC-AUC per class; NaN where a class has no positives or no negatives."""
     from sklearn.metrics import roc_auc_score
@@ -93,14 +79,12 @@ def roc_auc_per_class(y_true: np.ndarray, y_prob: np.ndarray) -> np.ndarray:
 
 def accuracy(y_true: np.ndarray, y_prob: np.ndarray) -> float:
     """Top-1 accuracy of ``argmax(y_prob)``; a ready-made ``metric_fn`` for ``bootstrap_ci``."""
-    y_true, y_prob = _check_inputs(y_true, y_prob)
-    return float(confusion_metrics(confusion_matrix(y_true, y_prob.argmax(axis=1), y_prob.shape[1]))["accuracy"])
+    return float(confusion_metrics(_predicted_confusion(*_check_inputs(y_true, y_prob)))["accuracy"])
 
 
 def macro_f1(y_true: np.ndarray, y_prob: np.ndarray) -> float:
     """Macro F1 over classes present in ``y_true`` or the predictions (sklearn's default)."""
-    y_true, y_prob = _check_inputs(y_true, y_prob)
-    return float(confusion_metrics(confusion_matrix(y_true, y_prob.argmax(axis=1), y_prob.shape[1]))["macro_f1"])
+    return float(confusion_metrics(_predicted_confusion(*_check_inputs(y_true, y_prob)))["macro_f1"])
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -108,6 +92,11 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
     k = int(num_classes)
     cells = np.asarray(y_true, dtype=np.int64) * k + np.asarray(y_pred, dtype=np.int64)
     return np.bincount(cells, minlength=k * k).reshape(k, k)
+
+
+def _predicted_confusion(y_true: np.ndarray, y_prob: np.ndarray) -> np.ndarray:
+    """The confusion matrix of ``argmax(y_prob)`` (checked inputs)."""
+    return confusion_matrix(y_true, y_prob.argmax(axis=1), y_prob.shape[1])
 
 
 def compute_metrics(y_true: np.ndarray, y_prob: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
@@ -130,7 +119,7 @@ def compute_metrics(y_true: np.ndarray, y_prob: np.ndarray, class_names: Sequenc
         matrix through :func:`confusion_metrics`, the bootstrap's own definition.
     """
     y_true, y_prob = _check_inputs(y_true, y_prob, len(class_names))
-    cm = confusion_matrix(y_true, y_prob.argmax(axis=1), len(class_names))
+    cm = _predicted_confusion(y_true, y_prob)
     stats = confusion_metrics(cm)
     aucs = roc_auc_per_class(y_true, y_prob)
     per_class = {
@@ -357,9 +346,7 @@ def paired_bootstrap_ci(
         raise ValueError(f"need 0 < alpha < 1, got {alpha}")
     y_true, prob_a = _check_inputs(y_true, prob_a)
     _, prob_b = _check_inputs(y_true, prob_b, prob_a.shape[1])
-    k = prob_a.shape[1]
-    point = [confusion_metrics(confusion_matrix(y_true, p.argmax(axis=1), k))[metric]
-             for p in (prob_a, prob_b)]
+    point = [confusion_metrics(_predicted_confusion(y_true, p))[metric] for p in (prob_a, prob_b)]
     diff = (confusion_metrics(resampled_confusions(y_true, prob_a, resamples))[metric]
             - confusion_metrics(resampled_confusions(y_true, prob_b, resamples))[metric])
     return (float(point[0] - point[1]), *percentile_interval(diff, alpha))
@@ -408,8 +395,7 @@ def validation_summary(y_true: np.ndarray, logits: np.ndarray, class_names: Sequ
         ``val_accuracy``, ``val_macro_f1``, ``val_balanced_accuracy`` and
         ``val_recall/<class name>`` for each class (NaN if absent from ``y_true``).
     """
-    y_true, y_prob = _check_inputs(y_true, softmax(logits), len(class_names))
-    stats = confusion_metrics(confusion_matrix(y_true, y_prob.argmax(axis=1), len(class_names)))
+    stats = confusion_metrics(_predicted_confusion(*_check_inputs(y_true, softmax(logits), len(class_names))))
     summary = {
         "val_accuracy": float(stats["accuracy"]),
         "val_macro_f1": float(stats["macro_f1"]),

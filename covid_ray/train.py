@@ -99,7 +99,7 @@ def _report(run: TrainingRun, metrics: dict, *, with_checkpoint: bool) -> thread
     recovery test (``tests/test_storage.py``) restarted its killed trial from scratch.
 
     Returns:
-        An event set once the checkpoint's writing ended (None without a checkpoint).
+        An event set once the background write ended; None when nothing is left to write.
     """
     import ray.train
 
@@ -109,14 +109,13 @@ def _report(run: TrainingRun, metrics: dict, *, with_checkpoint: bool) -> thread
     cfg = run.cfg
     files = encode_checkpoint(run.model, classes=run.classes, image_size=cfg.data.image_size, metrics=metrics,
                               epoch=int(metrics["epoch"]), config=cfg.to_flat(), train_state=run.train_state())
-    written = threading.Event()
     storage = ray.train.get_context().get_storage()
     if not _is_local_filesystem(storage.storage_filesystem):
         with tempfile.TemporaryDirectory() as tmp:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(
                 str(write_checkpoint_files(tmp, files))))
-        written.set()
-        return written
+        return None  # uploaded already
+    written = threading.Event()
     staging = Path(storage.experiment_fs_path, f".checkpoint-{uuid.uuid4().hex}")
     staging.mkdir()
 

@@ -30,7 +30,6 @@ from covid_ray.metrics import (
     macro_f1,
     nll,
     softmax,
-    specificity_per_class,
     validation_summary,
 )
 
@@ -84,9 +83,9 @@ def test_specificity_from_known_confusion_matrix():
     cm = np.array([[5, 1, 0], [2, 3, 1], [0, 0, 4]])
     # class 0: FP = 2, TN = 16 - 6 - 2 = 8;  class 1: FP = 1, TN = 16 - 6 - 1 = 9
     # class 2: FP = 1, TN = 16 - 4 - 1 = 11
-    np.testing.assert_allclose(specificity_per_class(cm), [8 / 10, 9 / 10, 11 / 12])
+    np.testing.assert_allclose(confusion_metrics(cm)["specificity"], [8 / 10, 9 / 10, 11 / 12])
     # A class that owns every sample has no negatives: undefined, not a crash.
-    assert np.isnan(specificity_per_class(np.array([[3, 0], [0, 0]]))[0])
+    assert np.isnan(confusion_metrics(np.array([[3, 0], [0, 0]]))["specificity"][0])
 
 
 def test_missing_class_gives_nan_auc_without_exception():
@@ -256,9 +255,13 @@ def _sklearn_stats(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> dict:
     """The reference: scikit-learn on one resample (NaN where a class is absent)."""
     labels = np.arange(k)
     _, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=np.nan)
-    cm = confusion_matrix(y_true, y_pred, labels=labels)
+    cm = confusion_matrix(y_true, y_pred, labels=labels).astype(np.float64)
+    fp = cm.sum(axis=0) - np.diag(cm)
+    tn = cm.sum() - cm.sum(axis=1) - fp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        specificity = np.where(tn + fp > 0, tn / (tn + fp), np.nan)  # TN / (TN + FP), by hand
     return {"accuracy": accuracy_score(y_true, y_pred), "macro_f1": np.nanmean(f1), "recall": recall,
-            "specificity": specificity_per_class(cm)}
+            "specificity": specificity}
 
 
 def test_vectorized_bootstrap_equals_sklearn_on_every_resample_for_the_same_draws():
