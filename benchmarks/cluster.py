@@ -30,7 +30,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,15 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.common import last_json
+from benchmarks.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _descendants(pid: int) -> list[int]:

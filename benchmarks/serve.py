@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ import httpx
 import numpy as np
 
 from benchmarks.common import REPO, machine_note, markdown_table, today, write_section
+from benchmarks.ports import free_port
 from covid_ray.artifacts.bundle import (
     CACHE_DIRNAME, FP32_FILE, GRAPH_FILES, INT8_FILE, PREPROCESS_FILE, read_json_object, write_preprocess_json,
 )
@@ -106,17 +106,11 @@ def build_standin(out: Path = STANDIN_DIR) -> Path:
     return ens
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Service:
     """``python -m covid_ray.serve`` in a subprocess on a free loopback port."""
 
     def __init__(self, model: Path, *, threads: int, gradcam: bool):
-        self.port = free_port()
+        self.port = free_port("127.0.0.1")
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "covid_ray.serve", "--model", str(model), "--port", str(self.port),
                "--threads", str(threads), "--log-level", "warning"] + ([] if gradcam else ["--no-gradcam"])

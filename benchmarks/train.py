@@ -278,13 +278,11 @@ def ray_run(flat: dict, storage: Path, threads: int, tag: str) -> dict:
 
 def gloo_init_seconds() -> float:
     """``init_process_group("gloo")`` with world size 1, as Ray's TorchConfig does on a worker."""
-    import socket
-
     import torch.distributed as dist
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from benchmarks.ports import free_port
+
+    port = free_port("127.0.0.1")
     t0 = time.perf_counter()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     seconds = time.perf_counter() - t0

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torchvision
 
+from benchmarks.ports import free_port
 from covid_ray import pretrained
 from covid_ray.models import create_model, get_model_entry
 
@@ -120,9 +121,7 @@ def test_offline_a_server_that_never_answers_costs_one_timeout_then_nothing(torc
 
 
 def test_unreachable_address_returns_within_seconds(torch_home, monkeypatch):
-    with socket.socket() as probe:  # a port nobody listens on: connection refused
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port("127.0.0.1")  # a port nobody listens on: connection refused
     monkeypatch.setenv(pretrained.MIRROR_ENV, f"http://127.0.0.1:{port}/")
     start = time.monotonic()
     with pytest.warns(UserWarning, match="failed: URLError"):

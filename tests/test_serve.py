@@ -19,6 +19,7 @@ import pytest
 import uvicorn
 from PIL import Image
 
+from benchmarks.ports import free_port
 from covid_ray.gradcam import gradcam_for
 from covid_ray.inference import load_model
 from covid_ray.predict import predict_files
@@ -241,9 +242,7 @@ def test_a_single_checkpoint_is_served_too(world):
 @pytest.mark.slow
 def test_the_cli_serves_on_loopback(world):
     """``python -m covid_ray.serve`` as a user starts it (a subprocess: imports and load, ~10 s)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port("127.0.0.1")
     cmd = [sys.executable, "-m", "covid_ray.serve", "--model", str(world["ensemble"]), "--port", str(port),
            "--threads", "1", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
