@@ -7,17 +7,20 @@ Both loops train the same model on the same split, cache, loaders, presets, batc
 optimizer, scheduler and epochs, and validate on the whole validation split every
 epoch; both call :mod:`covid_ray.engine`. The plain loop is
 ``covid_ray.train.train_loop_per_worker`` without Ray: it runs in this process. The Ray
-loop is ``covid_ray.train.build_trainer(..., num_workers=1)`` after
+loop is ``covid_ray.launch.build_trainer(..., num_workers=1)`` after
 ``covid_ray.ray_setup.init_ray``.
 
 * Steady-state epoch time: median over epochs 2..N (and over the repeats) of the same
   timed region in both loops: one training epoch plus validation and its metrics. For
   Ray this is the loop's own ``epoch_time_s`` metric, collected with
-  ``covid_ray.train.history_callback``.
+  ``covid_ray.launch.history_callback``.
 * Start-up cost of a Ray Train run: wall time of ``trainer.fit()`` minus the sum of its
   epoch times (so it also holds the per-epoch checkpoint upload and report and the
   shutdown), split into phases with the timestamps in Ray Train's own controller and
   worker logs. ``ray.init`` is reported on its own: a search pays it once for all trials.
+* The same Ray run with Ray's ``TorchConfig`` (``TorchTrainer``'s backend) instead of
+  covid-ray's torch-free ``ProcessGroupConfig``, alternating with the two loops above:
+  the start-up a run pays when its controller imports torch.
 
 Threads: a Ray worker reserving 1 CPU gets ``OMP_NUM_THREADS=1`` from Ray, while a plain
 process gets one torch thread per core. Both loops here use ``--threads`` threads (the
@@ -252,15 +255,28 @@ def startup_phases(t_fit: float, t_end: float, epochs: list[float], reports: lis
     }
 
 
-def ray_run(flat: dict, storage: Path, threads: int, tag: str) -> dict:
+def with_torchconfig(trainer):
+    """The same trainer with Ray's ``TorchConfig`` (``TorchTrainer``'s backend): the baseline."""
+    import dataclasses
+
+    from ray.train.torch import TorchConfig
+
+    trainer.backend_config = TorchConfig(backend=trainer.backend_config.backend)
+    trainer.train_run_context = dataclasses.replace(trainer.train_run_context, backend_config=trainer.backend_config)
+    return trainer
+
+
+def ray_run(flat: dict, storage: Path, threads: int, tag: str, *, torchconfig: bool = False) -> dict:
     from covid_ray.artifacts.experiment import read_history
-    from covid_ray.train import build_trainer, history_callback
+    from covid_ray.launch import build_trainer, history_callback
 
     history, clock = storage / f"{tag}.jsonl", storage / f"{tag}.reports"
     trainer = build_trainer(
         flat, num_workers=1, cpus_per_worker=float(threads), storage_path=storage, name=tag, max_failures=0,
         callbacks=[history_callback(history), report_clock(clock)], worker_env={"OMP_NUM_THREADS": str(threads)},
     )
+    if torchconfig:
+        trainer = with_torchconfig(trainer)
     t_fit = time.time()
     t0 = time.perf_counter()
     result = trainer.fit()
@@ -313,7 +329,7 @@ def run(args: argparse.Namespace) -> dict:
     store = load_splits(root, manifest, manifest_classes(manifest), resize_for(args.image_size),
                         cache_dir=cache_dir).store
     out: dict[str, Any] = {"flat": flat, "cache_s": time.perf_counter() - t0, "cache_built": store.built,
-                           "plain": [], "ray": [], "threads": args.threads}
+                           "plain": [], "ray": [], "ray_torchconfig": [], "threads": args.threads}
 
     if args.poll is not None:
         # Read by the Train controller actor, which inherits the environment of the Ray
@@ -332,16 +348,20 @@ def run(args: argparse.Namespace) -> dict:
             raise RuntimeError(f"a Ray worker got {out['worker_threads']} torch threads, expected {args.threads}")
         with tempfile.TemporaryDirectory(prefix="covid-ray-bench-train-") as tmp:
             tmp = Path(tmp)
+            # Untimed: the session's first Ray Train run also starts Ray's once-per-session
+            # actors (an autoscaling coordinator, ~2.5 s here), which no timed run should carry.
+            ray_run({**flat, "epochs": 2}, tmp / "warm-up", args.threads, "warm-up")
             for r in range(args.repeats):
-                # Alternate which loop goes first, so that drift in the machine's load hits both.
-                for kind in (["plain", "ray"] if r % 2 == 0 else ["ray", "plain"]):
+                # Rotate which loop goes first, so that drift in the machine's load hits all three.
+                kinds = ["plain", "ray", "ray_torchconfig"]
+                for kind in kinds[r % 3:] + kinds[:r % 3]:
                     if kind == "plain":
                         res = plain_loop(flat, tmp / f"plain{r}")
                         logger.info("plain run %d: set-up %.2fs, epochs %s", r + 1, res["setup_s"],
                                     [round(e, 2) for e in res["epochs"]])
                     else:
-                        res = ray_run(flat, tmp / "ray", args.threads, f"run{r}")
-                        logger.info("ray run %d: fit %.2fs, epochs %s", r + 1, res["fit_s"],
+                        res = ray_run(flat, tmp / kind, args.threads, f"run{r}", torchconfig=kind == "ray_torchconfig")
+                        logger.info("%s run %d: fit %.2fs, epochs %s", kind, r + 1, res["fit_s"],
                                     [round(e, 2) for e in res["epochs"]])
                     out[kind].append(res)
     finally:
@@ -358,13 +378,16 @@ def run(args: argparse.Namespace) -> dict:
 
 
 PHASES = [
-    ("controller", "`fit()` to the Train controller actor running (a new process importing Ray Train)"),
+    ("controller", "`fit()` to the Train controller actor running (a new process importing Ray Train, "
+                   "and torch with `TorchConfig`)"),
     ("scheduling", "controller set-up and resource request, to the worker-group start"),
     ("worker_actor", "worker actor created (a new Python process)"),
-    ("train_context", "train context initialized on the worker (incl. torch import and the gloo process group)"),
+    ("train_context", "train context initialized on the worker (with `TorchConfig`: its torch import and "
+                      "the gloo process group)"),
     ("launch", "train function launched: unpickling `train_loop_per_worker` imports covid_ray.train "
                "(the engine, the datasets and pandas for the manifest)"),
-    ("group_other", "other worker-group start steps and callbacks"),
+    ("group_other", "other worker-group start steps and callbacks (with `ProcessGroupConfig`: the worker's "
+                    "torch import and the gloo process group)"),
     ("setup_first_ckpt", "loop set-up in the worker (manifest, cache open, model, optimizer: the first one "
                          "imports torch._dynamo) "
                          "+ epoch 1's checkpoint encoding and report"),
@@ -391,6 +414,10 @@ def summarize(out: dict) -> dict:
         "fit": median(r["fit_s"] for r in out["ray"]),
         "plain_total": median(r["setup_s"] + sum(r["epochs"]) + sum(r["checkpoint_s"]) for r in out["plain"]),
         "phases": {k: median(p[k] for p in phases) for k, _ in PHASES} if phases else None,
+        "startup_torchconfig": median(r["startup_s"] for r in out["ray_torchconfig"]),
+        "startup_torchconfig_runs": [r["startup_s"] for r in out["ray_torchconfig"]],
+        "phases_torchconfig": ({k: median(p[k] for p in base) for k, _ in PHASES}
+                               if (base := [r["phases"] for r in out["ray_torchconfig"] if r["phases"]]) else None),
         "n_steady": {k: len(v) for k, v in steady.items()},
     }
 
@@ -410,6 +437,9 @@ def render(out: dict, s: dict, command: str) -> str:
             ["start-up s: `fit()` wall minus the sum of its epoch times (median)", f"{s['setup']:.2f} (loop set-up)",
              f"**{s['startup']:.1f}** (runs: {', '.join(f'{x:.1f}' for x in s['startup_runs'])})", "",
              f"<= 10 s: **{'met' if startup_ok else 'not met'}**"],
+            ["start-up s with Ray's `TorchConfig` instead (the baseline backend)", "",
+             f"{s['startup_torchconfig']:.1f} (runs: {', '.join(f'{x:.1f}' for x in s['startup_torchconfig_runs'])})",
+             "", f"covid-ray's backend saves **{s['startup_torchconfig'] - s['startup']:.1f} s**"],
             ["whole run s", f"{s['plain_total']:.1f}", f"{s['fit']:.1f} (`fit()`)",
              f"{s['fit'] / s['plain_total']:.2f}", ""],
             ["`ray.init` s (once per process, shared by all runs)", "", f"{out['ray_init_s']:.1f}", "", ""],
@@ -417,9 +447,12 @@ def render(out: dict, s: dict, command: str) -> str:
     )
     if s["phases"]:
         p = s["phases"]
-        rows = [[text, f"{p[k]:.2f}"] for k, text in PHASES]
-        rows.append(["sum (= start-up above, up to rounding and the median over runs)", f"{sum(p.values()):.2f}"])
-        breakdown = markdown_table(["phase of a Ray Train run outside its epochs (median over runs)", "s"], rows)
+        b = s["phases_torchconfig"] or {k: float("nan") for k, _ in PHASES}
+        rows = [[text, f"{p[k]:.2f}", f"{b[k]:.2f}"] for k, text in PHASES]
+        rows.append(["sum (= start-up above, up to rounding and the median over runs)", f"{sum(p.values()):.2f}",
+                     f"{sum(b.values()):.2f}"])
+        breakdown = markdown_table(["phase of a Ray Train run outside its epochs (median over runs)",
+                                    "s, `ProcessGroupConfig` (covid-ray)", "s, `TorchConfig` (Ray)"], rows)
     else:
         breakdown = "(Ray Train's logs were not found where Ray 2.60 writes them; no breakdown.)"
     imports = out["imports"]
@@ -431,13 +464,14 @@ def render(out: dict, s: dict, command: str) -> str:
              "code, so a gap points at the worker's environment (threads, CPU share). " if not ratio_ok else "")
             + ("The start-up target is missed. Most of the start-up is fixed by how Ray Train runs "
                "a job: every `fit()` starts new processes (the Train controller, the worker, and "
-               "beside them a synchronization actor and a placement-group cleaner), the controller "
-               "and the worker import torch (Ray's `TorchConfig` does), and the controller notices "
-               "the end of the loop only at its next status poll. covid-ray already leaves out what "
-               "it can: Ray Data's per-run manager and the preemption watcher (two processes), "
-               "scikit-learn in the worker, and checkpoint writes on the loop's path (they run in "
-               "Ray's upload thread). Under Ray Tune each trial pays this start-up, while `ray.init` "
-               "is paid once." if not startup_ok else "")
+               "beside them a synchronization actor and a placement-group cleaner), the worker "
+               "imports torch and Ray Train, and the controller notices the end of the loop only at "
+               "its next status poll. covid-ray already leaves out what it can: torch in the "
+               "controller (`covid_ray.launch.ProcessGroupConfig` sets up the same process group as "
+               "Ray's `TorchConfig`, whose module imports torch), Ray Data's per-run manager and the "
+               "preemption watcher (two processes), scikit-learn in the worker, and checkpoint writes "
+               "on the loop's path (they run in Ray's upload thread). Under Ray Tune each trial pays "
+               "this start-up, while `ray.init` is paid once." if not startup_ok else "")
         )
     return f"""\
 Command: `{command}` &nbsp; Date: {today()}
@@ -449,7 +483,7 @@ batch {f['batch_size']}, Adam lr {f['lr']}, {f['epochs']} epochs, validation on 
 every epoch, a checkpoint on every improvement, loader workers 0 (batches come from the decode cache), fp32.
 torch threads: **{out['threads']} in both loops** (plain: `torch.set_num_threads`; Ray worker: `OMP_NUM_THREADS`
 in its runtime env and {out['threads']} CPU reserved; a probe task with the same settings saw
-{out['worker_threads']}). Runs alternate plain/Ray. Ray Train controller poll: {out['poll'] + ' s (`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`)' if out['poll'] else 'Ray default (2 s)'}. The decode cache was
+{out['worker_threads']}). Runs rotate plain / Ray / Ray with `TorchConfig`, after one untimed Ray Train run (the session's first also starts Ray's once-per-session actors). Ray Train controller poll: {out['poll'] + ' s (`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`)' if out['poll'] else 'Ray default (2 s)'}. The decode cache was
 {'built' if out['cache_built'] else 'already there'} before timing ({out['cache_s']:.1f} s), outside both loops.
 
 {table}
@@ -465,8 +499,9 @@ Where the start-up goes (timestamps from Ray Train's controller log, and the tim
 {why}
 
 In a fresh Python process `import torch` takes {imports['torch']:.1f} s and the covid_ray modules the loop
-imports another {imports['covid_ray']:.1f} s (mostly pandas, which reads the split manifest; torchvision
-and scikit-learn are imported only where used); the plain loop writes a checkpoint in {s['checkpoint']:.2f} s
+imports another {imports['covid_ray']:.1f} s (pandas, which reads the split manifest, and Ray Train, which
+`covid_ray.launch` imports and a Ray worker has loaded already; torchvision and scikit-learn
+are imported only where used); the plain loop writes a checkpoint in {s['checkpoint']:.2f} s
 ({s['n_ckpt']:.1f} per run); gloo `init_process_group` with world size 1 takes {out['gloo_init_s'] * 1000:.0f} ms.
 Per-epoch samples: plain {s['n_steady']['plain']}, Ray {s['n_steady']['ray']}.
 """

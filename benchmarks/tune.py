@@ -10,7 +10,7 @@ timestamps:
 
 * Tune start -> trial driver running: Tune's placement and the trial-driver actor (a new
   process, or one reused from an earlier trial);
-* trial driver -> training loop entered: ``TorchTrainer.fit()``: the Train controller
+* trial driver -> training loop entered: the trainer's ``fit()``: the Train controller
   process, the worker group (a new process importing torch, the gloo group), the train
   function's imports;
 * loop entered -> first epoch: manifest, decode cache, model and optimizer;

@@ -37,13 +37,15 @@ STEPS = {
     "`import ray.tune`": ("", "import ray.tune"),
     "`import ray.train.torch`": ("", "import ray.train.torch"),
     "`import covid_ray.train`": ("", "import covid_ray.train"),
+    "`import covid_ray.launch, ray.tune` (the trial driver's and the controller's)": (
+        "", "import covid_ray.launch, ray.tune"),
     "first `torch.optim.Adam(...)` after `import torch`": (
         "import torch", "torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])"),
 }
-WATCH = ("torch", "torch._dynamo", "pandas", "sklearn")
+WATCH = ("torch", "torch._dynamo", "pandas", "ray.data", "sklearn")
 CASES = {
     "bare": "an actor, nothing imported",
-    "torch": "an actor that imports torch (as Train's controller and worker do)",
+    "torch": "an actor that imports torch (as Train's worker does; its controller did with `TorchConfig`)",
     "hook": "the same, torch preloaded by the job's `worker_process_setup_hook`",
     "prestart": "the same, hook + worker prestart (`RAY_enable_worker_prestart=1`, soft limit 8)",
 }
@@ -116,11 +118,14 @@ def render(out: dict, command: str) -> str:
         f"A setup hook runs in each new process before it takes its actor, so torch's import moves "
         f"rather than goes ({versus('hook')}, medians of all actors). With worker prestart an actor may get "
         f"a process Ray started ahead ({versus('prestart')}); an actor's process is its own and exits with "
-        f"it, so no process is left warm for the next trial. `ray.train.torch` itself imports torch and "
-        f"`ray.tune` pandas, so the trial driver and the Train controller pay them whatever covid_ray's "
-        f"modules import. Three processes per trial, each importing torch, and the worker's first "
-        f"optimizer: about {3 * med['torch'] + adam:.1f} s of every trial's fixed cost on this machine "
-        f"(3 x {med['torch']:.2f} + {adam:.2f}), before gloo, the loop's set-up and the reports."
+        f"it, so no process is left warm for the next trial. `ray.train.torch` itself imports torch, so "
+        f"covid-ray's trial driver and Train controller never import it: they build and run the trainer "
+        f"from `covid_ray.launch`, whose process-group backend imports torch only in the worker. Of the "
+        f"three processes, the worker alone imports torch; with its first optimizer that is about "
+        f"{med['torch'] + adam:.1f} s of every trial's fixed cost on this machine "
+        f"({med['torch']:.2f} + {adam:.2f}; {3 * med['torch'] + adam:.1f} s when all three imported it), "
+        f"before gloo, the loop's set-up and the reports. `ray.tune` and `ray.train` still import pandas "
+        f"and Ray Data in every one of Ray's per-trial processes."
     )
     return f"""Command: `{command}` &nbsp; Date: {today()}
 Machine: {machine_note()}.

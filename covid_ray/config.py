@@ -13,7 +13,6 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from covid_ray.data.transforms import AugmentParams
 
 # A dot, not a slash: Ray Tune flattens nested configs with "/" and rejects it in names.
 CLASS_MULT_PREFIX = "class_mult."
@@ -58,6 +57,33 @@ def _check_type(klass: type, key: str, value: Any) -> None:
     if not _accepts(tp, value):
         hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) and tp in (float, float | None) else ""
         raise ValueError(f"training config key {key!r} must be {tp}, got {value!r}{hint}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AugmentParams:
+    """Strength of the train-time augmentation (the search tunes these).
+
+    rotation: max degrees of the uniform random rotation.
+    hflip: probability of a horizontal flip.
+    crop_scale: (min, max) area of the crop relative to the centre crop; (1, 1) is the
+        reference centre crop, smaller values zoom in and shift at random.
+    brightness, contrast: multiplicative jitter in [1 - x, 1 + x]; 0 disables.
+    """
+
+    rotation: float = 10.0
+    hflip: float = 0.5
+    crop_scale: tuple[float, float] = (1.0, 1.0)
+    brightness: float = 0.0
+    contrast: float = 0.0
+
+    def __post_init__(self):
+        lo, hi = self.crop_scale
+        if not (0 < lo <= hi <= 1):
+            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+        if not 0 <= self.hflip <= 1:
+            raise ValueError(f"hflip must be a probability, got {self.hflip}")
+        if self.rotation < 0 or self.brightness < 0 or self.contrast < 0:
+            raise ValueError("rotation, brightness and contrast must be >= 0")
 
 
 @dataclass(kw_only=True)

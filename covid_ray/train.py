@@ -1,4 +1,4 @@
-"""One training run under Ray Train: the per-worker loop, the trainer, and its CLI.
+"""One training run under Ray Train: the per-worker loop and its CLI (the trainer: :mod:`covid_ray.launch`).
 
 ``python -m covid_ray.train --data DIR --model NAME ...`` trains one configuration
 with data-parallel workers (gloo on CPU, NCCL on GPU) and prints one JSON object as
@@ -35,8 +35,7 @@ from covid_ray.artifacts.checkpoint import encode_checkpoint, load_checkpoint, l
 from covid_ray.artifacts.experiment import read_history
 from covid_ray.config import AMP_MODES, OPTIMIZERS, TrialConfig, flat_defaults
 from covid_ray.engine import TrainingRun, run_epoch, setup_run
-from covid_ray.uri import is_file as uri_is_file
-from covid_ray.uri import is_uri, read_text, write_text
+from covid_ray.launch import HISTORY_FILE, best_of, build_trainer, history_callback
 
 logger = logging.getLogger(__name__)
 
@@ -205,121 +204,6 @@ def train_loop_per_worker(flat_config: dict) -> None:
         _fault_hook(rank, epoch + 1, run.early.best_epoch, written)
 
 
-HISTORY_FILE = "history.jsonl"
-
-
-def _history_callback_class():
-    from ray.train.v2.api.callback import UserCallback
-
-    class HistoryCallback(UserCallback):
-        """Record every report of rank 0 as a JSON line, with its checkpoint (runs in the Train controller).
-
-        Ray Train V2 keeps only the metrics attached to checkpoints, and Tune's own result
-        files can lose the epochs reported just before its driver was killed; this file is
-        written as each report arrives, so it keeps every epoch and every checkpoint path,
-        including the epochs a restarted worker group trains again (readers keep the last
-        report of an epoch). A local path is appended to; a URI (object stores cannot
-        append) is rewritten whole, a few kB.
-        """
-
-        def __init__(self, where: str):
-            self.where = where
-            self.lines: list[str] | None = None
-
-        def after_report(self, run_context, metrics, checkpoint):
-            row = dict(metrics[0])
-            row["checkpoint"] = checkpoint.path if checkpoint else ""
-            line = json.dumps(row, default=str) + "\n"
-            if not is_uri(self.where):
-                with open(self.where, "a") as f:
-                    f.write(line)
-                return
-            if self.lines is None:  # a restarted controller continues the file it finds
-                self.lines = read_text(self.where).splitlines(keepends=True) if uri_is_file(self.where) else []
-            self.lines.append(line)
-            write_text(self.where, "".join(self.lines))
-
-    return HistoryCallback
-
-
-def history_callback(where: str | Path):
-    """A Ray Train callback that writes each epoch's metrics to ``where`` (JSON lines; a path or a URI)."""
-    if not is_uri(where):
-        Path(where).parent.mkdir(parents=True, exist_ok=True)
-    return _history_callback_class()(str(where))
-
-
-def _trainer_class():
-    """``TorchTrainer``, less Ray Data's per-run actor when the run has no Ray Datasets.
-
-    Ray Train 2.60 starts a ``DatasetManager`` actor (a process importing Ray Data) for
-    every run, datasets or not. The loop reads its images with torch's DataLoader, so
-    that process would only add to every trial's start-up on a small machine.
-    """
-    from ray.train.torch import TorchTrainer
-    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-
-    class Trainer(TorchTrainer):
-        def _create_default_callbacks(self):
-            callbacks = super()._create_default_callbacks()
-            if self.datasets:
-                return callbacks
-            return [cb for cb in callbacks if not isinstance(cb, DatasetsCallback)]
-
-    return Trainer
-
-
-def build_trainer(
-    flat_config: dict,
-    *,
-    num_workers: int = 1,
-    use_gpu: bool = False,
-    cpus_per_worker: float = 1.0,
-    gpus_per_worker: float | None = None,
-    storage_path: str | Path,
-    name: str,
-    max_failures: int = 1,
-    callbacks: list | None = None,
-    worker_env: dict[str, str] | None = None,
-):
-    """A ``TorchTrainer`` for one configuration (validated here, before any worker starts)."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig
-
-    cfg = TrialConfig.from_flat(flat_config)
-    resources: dict[str, float] = {"CPU": cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = 1.0 if gpus_per_worker is None else gpus_per_worker
-    return _trainer_class()(
-        train_loop_per_worker,
-        train_loop_config=cfg.to_flat(),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(
-            name=name,
-            storage_path=str(Path(storage_path).resolve()) if "://" not in str(storage_path) else str(storage_path),
-            failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=cfg.optim.metric, checkpoint_score_order="max"
-            ),
-            callbacks=callbacks,
-            # Ray Train's per-report INFO lines drown the loop's own progress line.
-            logging_config=LoggingConfig(log_level="WARNING"),
-            worker_runtime_env={"env_vars": worker_env} if worker_env else None,
-        ),
-    )
-
-
-def best_of(result, metric: str) -> tuple[dict, str | None]:
-    """Metrics and checkpoint path of a Ray Train result's best epoch."""
-    best = None
-    if result.best_checkpoints:
-        best = max(result.best_checkpoints, key=lambda cm: cm[1].get(metric, float("-inf")))
-    if best is None:
-        return dict(result.metrics or {}), None
-    return dict(best[1]), best[0].path
-
-
 # --------------------------------------------------------------------------- CLI
 
 
@@ -412,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         name = args.name or f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = join(args.storage_path, name) if is_uri(args.storage_path) else str(Path(args.storage_path, name).resolve())
         # The driver writes the history: next to the checkpoints, or in a URI's local mirror.
-        history = (mirror_dir(run_dir) if is_uri(run_dir) else Path(run_dir)) / "history.jsonl"
+        history = (mirror_dir(run_dir) if is_uri(run_dir) else Path(run_dir)) / HISTORY_FILE
         trainer = build_trainer(
             flat, num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
             storage_path=args.storage_path, name=name, max_failures=args.max_failures,

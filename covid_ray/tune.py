@@ -6,7 +6,7 @@ ASHA; :mod:`covid_ray.searcher` makes ASHA-stopped trials reach Optuna as PRUNED
 their per-epoch values, starts the study from ``searcher.start_with``, and runs the
 tutorial's hand recipe (``search_spaces/recipe.yaml``) as one reference trial of every
 search (``--no-recipe`` turns it off), which ASHA never stops. Each trial is a small Tune *function trainable* that launches one Ray Train
-run (:func:`covid_ray.train.build_trainer`) and forwards its per-epoch reports to
+run (:func:`covid_ray.launch.build_trainer`) and forwards its per-epoch reports to
 Tune with ``TuneReportCallback`` -- Ray 2.60's replacement for passing a Trainer to
 the Tuner. The trial driver itself holds only a sliver of a CPU; the DDP workers
 hold the resources asked for with ``--workers-per-trial``/``--cpus-per-worker``/
@@ -66,12 +66,11 @@ def trial_driver(config: dict, launch: LaunchSpec) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from covid_ray.artifacts.experiment import trial_history
-    from covid_ray.searcher import ARM_KEY
-    from covid_ray.train import build_trainer, history_callback
+    from covid_ray.artifacts.experiment import ARM_COLUMN, trial_history  # the searcher's ARM_KEY, without Optuna
+    from covid_ray.launch import build_trainer, history_callback  # torch-free: this process never loads torch
 
     trial_id = ray.tune.get_context().get_trial_id()
-    config = {k: v for k, v in config.items() if k != ARM_KEY}  # the trial's label, not a training key
+    config = {k: v for k, v in config.items() if k != ARM_COLUMN}  # the trial's label, not a training key
     trainer = build_trainer(
         config,
         num_workers=launch.workers_per_trial,
@@ -381,7 +380,7 @@ def _run_tuner(opts, store, exp: Path, ss: SearchSpace, meta: dict, reference: d
                 search_alg=_make_searcher(ss, exp, opts.experiment, reference), scheduler=_make_scheduler(ss),
                 trial_name_creator=trial_name, trial_dirname_creator=trial_name, time_budget_s=opts.time_budget_s,
                 # Not reuse_actors: a trial driver that ASHA stops is still blocked in
-                # TorchTrainer.fit(), so Tune cannot reset it within its 2 s and fails the
+                # the trainer's fit(), so Tune cannot reset it within its 2 s and fails the
                 # *next* trial ("Could not re-use actor"); a new process per trial it is.
                 reuse_actors=False,
             ),

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data.distributed import DistributedSampler
 
-from covid_ray.data.transforms import AugmentParams, EvalPreset, TrainPreset
+from covid_ray.config import AugmentParams
+from covid_ray.data.transforms import EvalPreset, TrainPreset
 from covid_ray.engine import (
     EarlyStopping,
     autocast_context,

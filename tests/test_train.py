@@ -72,16 +72,30 @@ def test_cli_rejects_bad_arguments_before_starting_ray(easy_split, tmp_path):
     assert proc.returncode == 2 and "missing.csv" in proc.stderr
 
 
+def _modules_probe(where):
+    """A controller callback writing, at each report, whether torch is loaded in the controller's process."""
+    from ray.train.v2.api.callback import UserCallback
+
+    class Probe(UserCallback):  # a local class: Ray ships it by value (the controller cannot import tests)
+        def after_report(self, run_context, metrics, checkpoint):
+            import sys
+
+            with open(where, "a") as f:
+                f.write(f"{'torch' in sys.modules}\n")
+
+    return Probe()
+
+
 def test_killed_worker_resumes_from_its_checkpoint(easy_split, tmp_path, ray_session):
     from covid_ray.artifacts.experiment import read_history
-    from covid_ray.train import best_of, build_trainer, history_callback
+    from covid_ray.launch import best_of, build_trainer, history_callback
 
     root, split = easy_split
     marker = tmp_path / "killed.json"
     trainer = build_trainer(
         _flat(root, split, tmp_path, epochs=4, early_stop_patience=0),
         num_workers=2, storage_path=tmp_path / "runs", name="recover", max_failures=1,
-        callbacks=[history_callback(tmp_path / "history.jsonl")],
+        callbacks=[history_callback(tmp_path / "history.jsonl"), _modules_probe(tmp_path / "controller.txt")],
         worker_env={"COVID_RAY_FAIL_AT_EPOCH": "2", "COVID_RAY_FAIL_RANK": "1", "COVID_RAY_FAIL_MARKER": str(marker)},
     )
     result = trainer.fit()
@@ -113,10 +127,13 @@ def test_killed_worker_resumes_from_its_checkpoint(easy_split, tmp_path, ray_ses
     started = {a.class_name for a in list_actors(limit=1000)}
     assert "TrainController" in started and "RayTrainWorker" in started
     assert not started & {"DatasetManager", "PreemptionWatcher"}, started
+    # The controller, which only launches and relays, never loaded torch (covid_ray.launch).
+    probes = (tmp_path / "controller.txt").read_text().split()
+    assert probes and set(probes) == {"False"}, probes
 
 
 def test_without_failures_left_the_error_is_reported(easy_split, tmp_path, ray_session):
-    from covid_ray.train import build_trainer
+    from covid_ray.launch import build_trainer
 
     root, split = easy_split
     trainer = build_trainer(

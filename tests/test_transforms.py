@@ -8,7 +8,8 @@ from PIL import Image
 from torchvision import transforms as T
 
 from covid_ray.data.io import resize_square
-from covid_ray.data.transforms import AugmentParams, EvalPreset, TrainPreset, resize_for
+from covid_ray.config import AugmentParams
+from covid_ray.data.transforms import EvalPreset, TrainPreset, resize_for
 from helpers import smooth_image
 
 

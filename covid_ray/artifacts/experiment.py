@@ -240,7 +240,7 @@ def best_checkpoint(history: pd.DataFrame, best_epoch: Any) -> str:
 def read_history(where: str | Path) -> list[dict]:
     """The rows of a trial's ``history.jsonl`` (a path or a URI); [] when there is none.
 
-    Written by ``covid_ray.train``'s history callback as each epoch is reported, one JSON
+    Written by ``covid_ray.launch``'s history callback as each epoch is reported, one JSON
     object per line (metrics and ``checkpoint``); a restarted worker group reports an
     epoch again, and readers keep its last report.
     """

@@ -21,10 +21,10 @@ statistics are used.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+
+from covid_ray.config import AugmentParams
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,33 +49,6 @@ def resize_for(image_size: int) -> int:
 def crop_offset(resize: int, image_size: int) -> int:
     """First row (and column) of the centre crop S from R, as torchvision's CenterCrop."""
     return int(round((resize - image_size) / 2.0))
-
-
-@dataclass(frozen=True, kw_only=True)
-class AugmentParams:
-    """Strength of the train-time augmentation (the search tunes these).
-
-    rotation: max degrees of the uniform random rotation.
-    hflip: probability of a horizontal flip.
-    crop_scale: (min, max) area of the crop relative to the centre crop; (1, 1) is the
-        reference centre crop, smaller values zoom in and shift at random.
-    brightness, contrast: multiplicative jitter in [1 - x, 1 + x]; 0 disables.
-    """
-
-    rotation: float = 10.0
-    hflip: float = 0.5
-    crop_scale: tuple[float, float] = (1.0, 1.0)
-    brightness: float = 0.0
-    contrast: float = 0.0
-
-    def __post_init__(self):
-        lo, hi = self.crop_scale
-        if not (0 < lo <= hi <= 1):
-            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
-        if not 0 <= self.hflip <= 1:
-            raise ValueError(f"hflip must be a probability, got {self.hflip}")
-        if self.rotation < 0 or self.brightness < 0 or self.contrast < 0:
-            raise ValueError("rotation, brightness and contrast must be >= 0")
 
 
 def _to_float(images: torch.Tensor) -> torch.Tensor:
