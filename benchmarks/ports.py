@@ -10,8 +10,10 @@ binding, and never handed out twice by one process.
 """
 from __future__ import annotations
 
+import os
 import random
 import socket
+import warnings
 from pathlib import Path
 
 RAY_WORKER_PORTS_END = 19999  # ray start's default --max-worker-port
@@ -35,16 +37,22 @@ def _bindable(port: int, host: str) -> bool:
     return True
 
 
-def free_ports(n: int, host: str = "") -> list[int]:
-    """``n`` distinct ports, free now on ``host`` and outside the kernel's ephemeral range.
+def candidate_ports() -> list[int]:
+    """Ports above Ray's worker ports and outside the kernel's ephemeral range (below or above it)."""
+    low, high = ephemeral_range()
+    return [p for p in range(RAY_WORKER_PORTS_END + 1, 65536) if not low <= p <= high]
 
-    Falls back to ``bind(0)`` (all ``n`` sockets held open together, so still distinct)
-    when the machine leaves no room between Ray's worker ports and the ephemeral range.
+
+def free_ports(n: int, host: str = "") -> list[int]:
+    """``n`` distinct IPv4 ports, free now on ``host`` and outside the kernel's ephemeral range.
+
+    Distinct within this process; another process drawing at the same moment could draw
+    the same port (one chance in thousands). Falls back, with a warning, to ``bind(0)``
+    (all ``n`` sockets held open together, so still distinct) when the machine's
+    ephemeral range leaves too few ports outside it.
     """
-    low = RAY_WORKER_PORTS_END + 1
-    high = ephemeral_range()[0] - 1
-    candidates = [p for p in range(low, high + 1) if p not in _handed_out]
-    random.SystemRandom().shuffle(candidates)  # not the global generator a benchmark may have seeded
+    candidates = [p for p in candidate_ports() if p not in _handed_out]
+    random.Random(os.urandom(16)).shuffle(candidates)  # not the global generator a benchmark may have seeded
     ports: list[int] = []
     for port in candidates:
         if len(ports) == n:
@@ -52,6 +60,8 @@ def free_ports(n: int, host: str = "") -> list[int]:
         if _bindable(port, host):
             ports.append(port)
     if len(ports) < n:
+        warnings.warn(f"only {len(ports)} free ports outside the ephemeral range {ephemeral_range()}; "
+                      "the rest come from bind(0), which other processes may race for", stacklevel=2)
         socks = []
         try:
             while len(ports) < n:

@@ -298,7 +298,7 @@ def gloo_init_seconds() -> float:
 
     from benchmarks.ports import free_port
 
-    port = free_port("127.0.0.1")
+    port = free_port()  # TCPStore listens on every interface
     t0 = time.perf_counter()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     seconds = time.perf_counter() - t0
@@ -382,13 +382,13 @@ PHASES = [
                    "and torch with `TorchConfig`)"),
     ("scheduling", "controller set-up and resource request, to the worker-group start"),
     ("worker_actor", "worker actor created (a new Python process)"),
-    ("train_context", "train context initialized on the worker (with `TorchConfig`: its torch import and "
-                      "the gloo process group)"),
-    ("launch", "train function launched: unpickling `train_loop_per_worker` imports covid_ray.train "
-               "(the engine, the datasets and pandas for the manifest)"),
-    ("group_other", "other worker-group start steps and callbacks (with `ProcessGroupConfig`: the worker's "
-                    "torch import and the gloo process group)"),
-    ("setup_first_ckpt", "loop set-up in the worker (manifest, cache open, model, optimizer: the first one "
+    ("train_context", "train context initialized on the worker (with `TorchConfig`: its torch import)"),
+    ("launch", "train function launched (`covid_ray.launch.train_loop_per_worker`, whose module the "
+               "worker has loaded already)"),
+    ("group_other", "other worker-group start steps and callbacks: the backend's gloo process group, and "
+                    "with `ProcessGroupConfig` the worker's torch import"),
+    ("setup_first_ckpt", "loop set-up in the worker (covid_ray.train's imports: the engine, the datasets, "
+                         "pandas for the manifest; cache open, model, optimizer: the first one "
                          "imports torch._dynamo) "
                          "+ epoch 1's checkpoint encoding and report"),
     ("reports", "per-epoch checkpoint encoding + report, epochs 2..N together (the write runs beside the next epoch)"),

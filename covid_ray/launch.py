@@ -6,11 +6,12 @@ two processes would otherwise spend seconds of every trial loading torch only to
 a config object. The workers, which train, import torch with the loop
 (:mod:`covid_ray.train`).
 
-:class:`ProcessGroupConfig` is what ``TorchTrainer`` is to ``TorchConfig``, minus the
-module-level torch import: its backend runs in the controller and sets up
-``torch.distributed`` (gloo on CPU, NCCL on GPU) in the workers with Ray's own torch
-helpers, which the workers import. :func:`build_trainer` therefore builds Ray Train's
-``DataParallelTrainer`` with it; ``TorchTrainer`` is that same class with ``TorchConfig``.
+:class:`ProcessGroupConfig` is to ``DataParallelTrainer`` what ``TorchConfig`` is to
+``TorchTrainer``, minus the module-level torch import: its backend runs in the controller
+and sets up ``torch.distributed`` (gloo on CPU, NCCL on GPU) in the workers with Ray's
+own torch helpers, which the workers import. :func:`build_trainer` therefore builds Ray
+Train's ``DataParallelTrainer`` with it; ``TorchTrainer`` is that same class with
+``TorchConfig``.
 """
 from __future__ import annotations
 
@@ -30,7 +31,6 @@ from covid_ray.config import TrialConfig
 from covid_ray.uri import is_file as uri_is_file
 from covid_ray.uri import is_uri, read_text, write_text
 
-HISTORY_FILE = "history.jsonl"
 logger = logging.getLogger(__name__)
 
 
@@ -84,10 +84,12 @@ class ProcessGroupBackend(Backend):
     def on_start(self, worker_group, backend_config: ProcessGroupConfig) -> None:
         from ray.train._internal.utils import get_address_and_port
 
+        backend = backend_config.backend or (
+            "nccl" if worker_group.get_resources_per_worker().get("GPU", 0) > 0 else "gloo")
         addr, port = worker_group.execute_single(0, get_address_and_port)
         worker_group.execute(_set_master, addr=addr, port=port)
         ray.get([
-            worker_group.execute_single_async(i, _connect, backend=backend_config.backend, world_rank=i,
+            worker_group.execute_single_async(i, _connect, backend=backend, world_rank=i,
                                               world_size=len(worker_group), timeout_s=backend_config.timeout_s)
             for i in range(len(worker_group))
         ])
@@ -108,9 +110,10 @@ class ProcessGroupBackend(Backend):
 
 @dataclass
 class ProcessGroupConfig(BackendConfig):
-    """``torch.distributed`` for the workers: ``backend`` is ``gloo`` (CPU) or ``nccl`` (GPU)."""
+    """``torch.distributed`` for the workers: ``backend`` ``gloo`` or ``nccl``; None picks as
+    ``TorchConfig`` does (NCCL when the workers have GPUs)."""
 
-    backend: str = "gloo"
+    backend: str | None = None
     timeout_s: int = 1800
 
     @property
@@ -204,6 +207,8 @@ def build_trainer(
     """A Ray Train trainer for one configuration (validated here, before any worker starts)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be at least 1, got {num_workers}")
     cfg = TrialConfig.from_flat(flat_config)
     resources: dict[str, float] = {"CPU": cpus_per_worker}
     if use_gpu:

@@ -32,10 +32,10 @@ import torch
 import torch.distributed as dist
 
 from covid_ray.artifacts.checkpoint import encode_checkpoint, load_checkpoint, load_train_state, write_checkpoint_files
-from covid_ray.artifacts.experiment import read_history
+from covid_ray.artifacts.experiment import HISTORY_FILE, read_history
 from covid_ray.config import AMP_MODES, OPTIMIZERS, TrialConfig, flat_defaults
 from covid_ray.engine import TrainingRun, run_epoch, setup_run
-from covid_ray.launch import HISTORY_FILE, best_of, build_trainer, history_callback
+from covid_ray.launch import best_of, build_trainer, history_callback
 
 logger = logging.getLogger(__name__)
 

@@ -8,19 +8,23 @@ from covid_ray.launch import ProcessGroupBackend, ProcessGroupConfig, build_trai
 
 FLAT = {"data": "data", "split": "split.csv", "model": "resnet18", "image_size": 64, "epochs": 2}
 
-# What the trial driver runs (covid_ray.tune.trial_driver's imports and build_trainer), then
-# what Ray ships to the Train controller: the run context and the controller's callbacks.
+# The trial driver itself (covid_ray.tune.trial_driver) in a fresh interpreter, with only
+# Tune's session and the run stubbed; then what Ray ships to the Train controller: the run
+# context and the controller's callbacks, as fit() would send them.
 DRIVER = f"""
-import sys, ray.cloudpickle as pickle
-import ray.tune
-from ray.tune.integration.ray_train import TuneReportCallback
-import covid_ray.tune
-from covid_ray.artifacts.experiment import trial_history
-from covid_ray.launch import build_trainer, history_callback
-trainer = build_trainer({FLAT!r}, num_workers=2, storage_path=sys.argv[1], name="t",
-                        callbacks=[history_callback(sys.argv[1] + "/h.jsonl")])
-payload = pickle.dumps((trainer.train_run_context, trainer._create_default_callbacks()))
-open(sys.argv[1] + "/controller.pkl", "wb").write(payload)
+import sys, types, ray.cloudpickle as pickle
+import ray.tune, ray.tune.integration.ray_train as tune_train
+ray.tune.get_context = lambda: types.SimpleNamespace(get_trial_id=lambda: "t1")
+tune_train.TuneReportCallback.__init__ = lambda self: None
+import covid_ray.launch
+
+def fit(trainer):
+    payload = pickle.dumps((trainer.train_run_context, trainer._create_default_callbacks()))
+    open(sys.argv[1] + "/controller.pkl", "wb").write(payload)
+
+covid_ray.launch.Trainer.fit = fit
+from covid_ray.tune import LaunchSpec, trial_driver
+trial_driver({{**{FLAT!r}, "arm": "search"}}, LaunchSpec(train_storage=sys.argv[1], workers_per_trial=2))
 print(sorted(m for m in ("torch", "torchvision", "sklearn") if m in sys.modules))
 """
 CONTROLLER = """
@@ -45,6 +49,13 @@ def test_trial_driver_and_controller_never_import_torch(tmp_path):
     assert int(n_callbacks) >= 4  # Ray's own and the history: all unpickled
 
 
+def test_build_trainer_refuses_zero_workers(tmp_path):
+    import pytest
+
+    with pytest.raises(ValueError, match="num_workers must be at least 1, got 0"):
+        build_trainer(FLAT, num_workers=0, storage_path=tmp_path, name="none")
+
+
 def test_backend_config_picks_nccl_for_gpus_and_matches_torchconfig_fields(tmp_path):
     cpu = build_trainer(FLAT, storage_path=tmp_path, name="cpu")
     gpu = build_trainer(FLAT, use_gpu=True, gpus_per_worker=0.5, storage_path=tmp_path, name="gpu")
@@ -56,3 +67,5 @@ def test_backend_config_picks_nccl_for_gpus_and_matches_torchconfig_fields(tmp_p
     from ray.train.torch import TorchConfig  # the config it stands in for: the same fields Ray exports
 
     assert set(ProcessGroupConfig().to_dict()) == set(TorchConfig().to_dict())
+    assert ProcessGroupConfig().framework == TorchConfig().framework
+    assert ProcessGroupConfig().backend is None  # chosen from the workers' resources, as TorchConfig does
