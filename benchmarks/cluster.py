@@ -433,8 +433,9 @@ How throughput should scale, and where the limits are:
   EFS/NFS and decoding them (~3 ms of CPU each here, so ~15-20 s on a g5.xlarge's 4 vCPUs,
   ~2 s on a g5.12xlarge). An autoscaled node pays it on its first trial, plus its
   setup_commands (venv with torch: minutes).
-- **Per-trial fixed cost.** Every trial starts a Ray Train controller and its worker
-  processes (~16 s on this machine, BENCHMARKS.md "Training loop"); a second node adds the
+- **Per-trial fixed cost.** Every trial starts a trial driver (which runs Ray Train's
+  controller) and its worker processes (~12 s per trial of a search on this machine,
+  BENCHMARKS.md "Search"; ~9 s for a run alone, "Training loop"); a second node adds the
   measured difference above. Against GPU epochs of seconds to tens of seconds and trials of
   5-50 epochs this is a few percent; it matters for ASHA's early rungs (5 epochs of a small
   model), where it can be as long as the training.

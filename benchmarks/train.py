@@ -8,7 +8,7 @@ optimizer, scheduler and epochs, and validate on the whole validation split ever
 epoch; both call :mod:`covid_ray.engine`. The plain loop is
 ``covid_ray.train.train_loop_per_worker`` without Ray: it runs in this process. The Ray
 loop is ``covid_ray.launch.build_trainer(..., num_workers=1)`` after
-``covid_ray.ray_setup.init_ray``.
+``covid_ray.ray_setup.init_ray``, run from a Ray actor.
 
 * Steady-state epoch time: median over epochs 2..N (and over the repeats) of the same
   timed region in both loops: one training epoch plus validation and its metrics. For
@@ -18,9 +18,14 @@ loop is ``covid_ray.launch.build_trainer(..., num_workers=1)`` after
   epoch times (so it also holds the per-epoch checkpoint upload and report and the
   shutdown), split into phases with the timestamps in Ray Train's own controller and
   worker logs. ``ray.init`` is reported on its own: a search pays it once for all trials.
-* The same Ray run with Ray's ``TorchConfig`` (``TorchTrainer``'s backend) instead of
-  covid-ray's torch-free ``ProcessGroupConfig``, alternating with the two loops above:
-  the start-up a run pays when its controller imports torch.
+* Every Ray run is launched from a new Ray actor, as Tune's trial driver launches a trial's
+  run, in three ways that alternate with the plain loop: covid-ray's trial (Ray Train's
+  controller in that actor, ``controller_in_process``, and the placement-group cleaner
+  shared by all runs, ``shared_cleaner``); the controller in an actor of its
+  own (Ray's default, and ``covid_ray.train``'s CLI); and ``TorchTrainer``'s set-up, the
+  controller actor with Ray's ``TorchConfig`` instead of covid-ray's torch-free
+  ``ProcessGroupConfig``: the baseline. All three leave out Ray Data's manager and the
+  preemption watcher, and poll every 0.25 s.
 
 Threads: a Ray worker reserving 1 CPU gets ``OMP_NUM_THREADS=1`` from Ray, while a plain
 process gets one torch thread per core. Both loops here use ``--threads`` threads (the
@@ -266,30 +271,63 @@ def with_torchconfig(trainer):
     return trainer
 
 
-def ray_run(flat: dict, storage: Path, threads: int, tag: str, *, torchconfig: bool = False) -> dict:
-    from covid_ray.artifacts.experiment import read_history
-    from covid_ray.launch import build_trainer, history_callback
+# The three ways a Ray Train run is launched here: build_trainer's options, and whether
+# Ray's TorchConfig replaces covid-ray's ProcessGroupConfig.
+RAY_KINDS = {
+    # covid-ray's trial: the controller in Tune's trial driver, the search's one cleaner
+    "ray": {"controller_in_process": True, "shared_cleaner": "covid-ray-bench-pg-cleaner"},
+    "ray_controller_actor": {},  # covid-ray's CLI (and trials before 2026-12-06)
+    "ray_torchconfig": {"torchconfig": True},  # Ray's defaults: TorchTrainer's controller actor and backend
+}
 
-    history, clock = storage / f"{tag}.jsonl", storage / f"{tag}.reports"
-    trainer = build_trainer(
-        flat, num_workers=1, cpus_per_worker=float(threads), storage_path=storage, name=tag, max_failures=0,
-        callbacks=[history_callback(history), report_clock(clock)], worker_env={"OMP_NUM_THREADS": str(threads)},
-    )
-    if torchconfig:
-        trainer = with_torchconfig(trainer)
-    t_fit = time.time()
-    t0 = time.perf_counter()
-    result = trainer.fit()
-    wall = time.perf_counter() - t0
-    t_end = time.time()
-    if result.error:
-        raise RuntimeError(f"Ray Train run {tag} failed: {result.error}")
-    rows = read_history(history)
+
+class RunDriver:
+    """One Ray Train run launched from inside a Ray actor, as Tune's trial driver launches it."""
+
+    def ready(self) -> bool:
+        return True
+
+    def run(self, flat: dict, storage: str, threads: int, tag: str, options: dict) -> dict:
+        from covid_ray.artifacts.experiment import read_history
+        from covid_ray.launch import build_trainer, history_callback
+
+        storage = Path(storage)
+        history, clock = storage / f"{tag}.jsonl", storage / f"{tag}.reports"
+        trainer = build_trainer(
+            flat, num_workers=1, cpus_per_worker=float(threads), storage_path=storage, name=tag, max_failures=0,
+            callbacks=[history_callback(history), report_clock(clock)], worker_env={"OMP_NUM_THREADS": str(threads)},
+            controller_in_process=options.get("controller_in_process", False),
+            shared_cleaner=options.get("shared_cleaner"),
+        )
+        if options.get("torchconfig"):
+            trainer = with_torchconfig(trainer)
+        t_fit = time.time()
+        t0 = time.perf_counter()
+        result = trainer.fit()
+        wall = time.perf_counter() - t0
+        t_end = time.time()
+        if result.error:
+            raise RuntimeError(f"Ray Train run {tag} failed: {result.error}")
+        return {"t_fit": t_fit, "t_end": t_end, "fit_s": wall, "rows": read_history(history),
+                "reports": [float(t) for t in clock.read_text().split()]}
+
+
+def ray_run(flat: dict, storage: Path, threads: int, tag: str, kind: str = "ray") -> dict:
+    """A Ray Train run of ``kind`` (:data:`RAY_KINDS`) from a new driver actor, started before timing."""
+    import ray
+
+    driver = ray.remote(num_cpus=0)(RunDriver).remote()  # the worker may take every CPU (--threads)
+    try:
+        ray.get(driver.ready.remote())
+        raw = ray.get(driver.run.remote(flat, str(storage), threads, tag, RAY_KINDS[kind]))
+    finally:
+        ray.kill(driver)
+    rows = raw["rows"]
     epochs = [float(r["epoch_time_s"]) for r in rows]
     if [r["epoch"] for r in rows] != list(range(1, len(rows) + 1)) or len(rows) != flat["epochs"]:
         raise RuntimeError(f"Ray Train run {tag} reported epochs {[r['epoch'] for r in rows]}")
-    return {"fit_s": wall, "epochs": epochs, "startup_s": wall - sum(epochs), "metrics": rows[-1],
-            "phases": startup_phases(t_fit, t_end, epochs, [float(t) for t in clock.read_text().split()])}
+    return {"fit_s": raw["fit_s"], "epochs": epochs, "startup_s": raw["fit_s"] - sum(epochs), "metrics": rows[-1],
+            "phases": startup_phases(raw["t_fit"], raw["t_end"], epochs, raw["reports"])}
 
 
 def gloo_init_seconds() -> float:
@@ -329,7 +367,7 @@ def run(args: argparse.Namespace) -> dict:
     store = load_splits(root, manifest, manifest_classes(manifest), resize_for(args.image_size),
                         cache_dir=cache_dir).store
     out: dict[str, Any] = {"flat": flat, "cache_s": time.perf_counter() - t0, "cache_built": store.built,
-                           "plain": [], "ray": [], "ray_torchconfig": [], "threads": args.threads}
+                           "plain": [], **{k: [] for k in RAY_KINDS}, "threads": args.threads}
 
     if args.poll is not None:
         # Read by the Train controller actor, which inherits the environment of the Ray
@@ -342,6 +380,9 @@ def run(args: argparse.Namespace) -> dict:
     init_ray(num_cpus=os.cpu_count())
     out["ray_init_s"] = time.perf_counter() - t0
     out["poll"] = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")  # init_ray sets covid-ray's default
+    from covid_ray.launch import start_placement_group_cleaner, stop_placement_group_cleaner
+
+    cleaner = start_placement_group_cleaner(RAY_KINDS["ray"]["shared_cleaner"])  # as a search starts it
     try:
         out["worker_threads"] = worker_threads(args.threads)
         if out["worker_threads"] != args.threads:
@@ -352,19 +393,20 @@ def run(args: argparse.Namespace) -> dict:
             # actors (an autoscaling coordinator, ~2.5 s here), which no timed run should carry.
             ray_run({**flat, "epochs": 2}, tmp / "warm-up", args.threads, "warm-up")
             for r in range(args.repeats):
-                # Rotate which loop goes first, so that drift in the machine's load hits all three.
-                kinds = ["plain", "ray", "ray_torchconfig"]
-                for kind in kinds[r % 3:] + kinds[:r % 3]:
+                # Rotate which loop goes first, so that drift in the machine's load hits all four.
+                kinds = ["plain", *RAY_KINDS]
+                for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
                     if kind == "plain":
                         res = plain_loop(flat, tmp / f"plain{r}")
                         logger.info("plain run %d: set-up %.2fs, epochs %s", r + 1, res["setup_s"],
                                     [round(e, 2) for e in res["epochs"]])
                     else:
-                        res = ray_run(flat, tmp / kind, args.threads, f"run{r}", torchconfig=kind == "ray_torchconfig")
+                        res = ray_run(flat, tmp / kind, args.threads, f"run{r}", kind)
                         logger.info("%s run %d: fit %.2fs, epochs %s", kind, r + 1, res["fit_s"],
                                     [round(e, 2) for e in res["epochs"]])
                     out[kind].append(res)
     finally:
+        stop_placement_group_cleaner(cleaner)
         ray.shutdown()
     out["gloo_init_s"] = gloo_init_seconds()
     out["imports"] = {
@@ -378,7 +420,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 PHASES = [
-    ("controller", "`fit()` to the Train controller actor running (a new process importing Ray Train, "
+    ("controller", "`fit()` to the Train controller running (as an actor: a new process importing Ray Train, "
                    "and torch with `TorchConfig`)"),
     ("scheduling", "controller set-up and resource request, to the worker-group start"),
     ("worker_actor", "worker actor created (a new Python process)"),
@@ -414,10 +456,10 @@ def summarize(out: dict) -> dict:
         "fit": median(r["fit_s"] for r in out["ray"]),
         "plain_total": median(r["setup_s"] + sum(r["epochs"]) + sum(r["checkpoint_s"]) for r in out["plain"]),
         "phases": {k: median(p[k] for p in phases) for k, _ in PHASES} if phases else None,
-        "startup_torchconfig": median(r["startup_s"] for r in out["ray_torchconfig"]),
-        "startup_torchconfig_runs": [r["startup_s"] for r in out["ray_torchconfig"]],
-        "phases_torchconfig": ({k: median(p[k] for p in base) for k, _ in PHASES}
-                               if (base := [r["phases"] for r in out["ray_torchconfig"] if r["phases"]]) else None),
+        **{f"startup_{k}": median(r["startup_s"] for r in out[k]) for k in RAY_KINDS},
+        **{f"startup_{k}_runs": [r["startup_s"] for r in out[k]] for k in RAY_KINDS},
+        **{f"phases_{k}": ({name: median(p[name] for p in ph) for name, _ in PHASES}
+                           if (ph := [r["phases"] for r in out[k] if r["phases"]]) else None) for k in RAY_KINDS},
         "n_steady": {k: len(v) for k, v in steady.items()},
     }
 
@@ -437,9 +479,16 @@ def render(out: dict, s: dict, command: str) -> str:
             ["start-up s: `fit()` wall minus the sum of its epoch times (median)", f"{s['setup']:.2f} (loop set-up)",
              f"**{s['startup']:.1f}** (runs: {', '.join(f'{x:.1f}' for x in s['startup_runs'])})", "",
              f"<= 10 s: **{'met' if startup_ok else 'not met'}**"],
-            ["start-up s with Ray's `TorchConfig` instead (the baseline backend)", "",
-             f"{s['startup_torchconfig']:.1f} (runs: {', '.join(f'{x:.1f}' for x in s['startup_torchconfig_runs'])})",
-             "", f"covid-ray's backend saves **{s['startup_torchconfig'] - s['startup']:.1f} s**"],
+            ["start-up s with the controller in an actor of its own (`covid_ray.train`'s CLI; trials before "
+             "2026-12-06)", "",
+             f"{s['startup_ray_controller_actor']:.1f} "
+             f"(runs: {', '.join(f'{x:.1f}' for x in s['startup_ray_controller_actor_runs'])})",
+             "", f"the controller in the trial driver and the shared cleaner save "
+                 f"**{s['startup_ray_controller_actor'] - s['startup']:.1f} s**"],
+            ["start-up s with Ray's `TorchTrainer` set-up: its controller actor, `TorchConfig` and a cleaner per run "
+             "(the baseline; as in all runs, no Ray Data manager or preemption watcher, poll 0.25 s)", "",
+             f"{s['startup_ray_torchconfig']:.1f} (runs: {', '.join(f'{x:.1f}' for x in s['startup_ray_torchconfig_runs'])})",
+             "", f"covid-ray saves **{s['startup_ray_torchconfig'] - s['startup']:.1f} s**"],
             ["whole run s", f"{s['plain_total']:.1f}", f"{s['fit']:.1f} (`fit()`)",
              f"{s['fit'] / s['plain_total']:.2f}", ""],
             ["`ray.init` s (once per process, shared by all runs)", "", f"{out['ray_init_s']:.1f}", "", ""],
@@ -447,12 +496,16 @@ def render(out: dict, s: dict, command: str) -> str:
     )
     if s["phases"]:
         p = s["phases"]
-        b = s["phases_torchconfig"] or {k: float("nan") for k, _ in PHASES}
-        rows = [[text, f"{p[k]:.2f}", f"{b[k]:.2f}"] for k, text in PHASES]
+        nan = {k: float("nan") for k, _ in PHASES}
+        a = s["phases_ray_controller_actor"] or nan
+        b = s["phases_ray_torchconfig"] or nan
+        rows = [[text, f"{p[k]:.2f}", f"{a[k]:.2f}", f"{b[k]:.2f}"] for k, text in PHASES]
         rows.append(["sum (= start-up above, up to rounding and the median over runs)", f"{sum(p.values()):.2f}",
-                     f"{sum(b.values()):.2f}"])
+                     f"{sum(a.values()):.2f}", f"{sum(b.values()):.2f}"])
         breakdown = markdown_table(["phase of a Ray Train run outside its epochs (median over runs)",
-                                    "s, `ProcessGroupConfig` (covid-ray)", "s, `TorchConfig` (Ray)"], rows)
+                                    "s, covid-ray's trial (controller in the trial driver, `ProcessGroupConfig`)",
+                                    "s, controller actor, `ProcessGroupConfig`",
+                                    "s, Ray's `TorchTrainer` set-up (controller actor, `TorchConfig`)"], rows)
     else:
         breakdown = "(Ray Train's logs were not found where Ray 2.60 writes them; no breakdown.)"
     imports = out["imports"]
@@ -463,12 +516,15 @@ def render(out: dict, s: dict, command: str) -> str:
             ("The epoch-time target is missed: see the per-epoch samples; the loops run the same "
              "code, so a gap points at the worker's environment (threads, CPU share). " if not ratio_ok else "")
             + ("The start-up target is missed. Most of the start-up is fixed by how Ray Train runs "
-               "a job: every `fit()` starts new processes (the Train controller, the worker, and "
-               "beside them a synchronization actor and a placement-group cleaner), the worker "
-               "imports torch and Ray Train, and the controller notices the end of the loop only at "
-               "its next status poll. covid-ray already leaves out what it can: torch in the "
-               "controller (`covid_ray.launch.ProcessGroupConfig` sets up the same process group as "
-               "Ray's `TorchConfig`, whose module imports torch), Ray Data's per-run manager and the "
+               "a job: every `fit()` starts new processes (the worker, and beside it a "
+               "synchronization actor), the worker imports torch and Ray Train, and the controller "
+               "notices the end of the loop only at its next status poll. covid-ray already leaves "
+               "out what it can: the controller's own process (in a trial it runs in Tune's trial "
+               "driver, `covid_ray.launch.Trainer`'s `controller_in_process`), a placement-group "
+               "cleaner process per run (one serves the search, `shared_cleaner`), torch in the "
+               "launching process "
+               "(`covid_ray.launch.ProcessGroupConfig` sets up the same process group as Ray's "
+               "`TorchConfig`, whose module imports torch), Ray Data's per-run manager and the "
                "preemption watcher (two processes), scikit-learn in the worker, and checkpoint writes "
                "on the loop's path (they run in Ray's upload thread). Under Ray Tune each trial pays "
                "this start-up, while `ray.init` is paid once." if not startup_ok else "")
@@ -483,7 +539,7 @@ batch {f['batch_size']}, Adam lr {f['lr']}, {f['epochs']} epochs, validation on 
 every epoch, a checkpoint on every improvement, loader workers 0 (batches come from the decode cache), fp32.
 torch threads: **{out['threads']} in both loops** (plain: `torch.set_num_threads`; Ray worker: `OMP_NUM_THREADS`
 in its runtime env and {out['threads']} CPU reserved; a probe task with the same settings saw
-{out['worker_threads']}). Runs rotate plain / Ray / Ray with `TorchConfig`, after one untimed Ray Train run (the session's first also starts Ray's once-per-session actors). Ray Train controller poll: {out['poll'] + ' s (`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`)' if out['poll'] else 'Ray default (2 s)'}. The decode cache was
+{out['worker_threads']}). Each Ray Train run is launched from a new Ray actor, as Tune's trial driver launches a trial's run (the actor's own start is not timed). Runs rotate plain / covid-ray's trial / controller actor / `TorchTrainer`'s set-up, after one untimed Ray Train run (the session's first also starts Ray's once-per-session actors). Ray Train controller poll: {out['poll'] + ' s (`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`)' if out['poll'] else 'Ray default (2 s)'}. The decode cache was
 {'built' if out['cache_built'] else 'already there'} before timing ({out['cache_s']:.1f} s), outside both loops.
 
 {table}

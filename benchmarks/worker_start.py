@@ -1,14 +1,15 @@
 """Process start-up behind a trial's fixed cost: ``python -m benchmarks.worker_start``.
 
-Every trial of a search starts three Ray actors, each a new Python process: Tune's trial
-driver (the function trainable), Ray Train's controller and Ray Train's worker. This
+Every trial of a search starts two Ray actors on its critical path, each a new Python
+process: Tune's trial driver (the function trainable), which also runs Ray Train's
+controller, and Ray Train's worker. This
 benchmark measures what one such process costs and which of issue 10's levers can take it
 back:
 
 * imports, each in a fresh interpreter: what Ray's own modules pull in (``ray.train.torch``
   imports torch, ``ray.tune`` imports pandas) against what covid_ray's loop adds;
 * actor start-up in a fresh local Ray, from ``A.remote()`` to its first method's answer:
-  a bare actor; one that imports torch (as the controller and the worker do); the same with
+  a bare actor; one that imports torch (as the worker does); the same with
   torch preloaded by a job-level ``worker_process_setup_hook``; and with Ray's worker
   prestart on (``RAY_enable_worker_prestart``, a larger ``RAY_num_workers_soft_limit``),
   which may hand an idle, already-started process to an actor.
@@ -37,7 +38,7 @@ STEPS = {
     "`import ray.tune`": ("", "import ray.tune"),
     "`import ray.train.torch`": ("", "import ray.train.torch"),
     "`import covid_ray.train`": ("", "import covid_ray.train"),
-    "`import covid_ray.launch, ray.tune` (the trial driver's and the controller's)": (
+    "`import covid_ray.launch, ray.tune` (the trial driver's, which runs the controller)": (
         "", "import covid_ray.launch, ray.tune"),
     "first `torch.optim.Adam(...)` after `import torch`": (
         "import torch", "torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])"),
@@ -118,23 +119,28 @@ def render(out: dict, command: str) -> str:
         f"A setup hook runs in each new process before it takes its actor, so torch's import moves "
         f"rather than goes ({versus('hook')}, medians of all actors). With worker prestart an actor may get "
         f"a process Ray started ahead ({versus('prestart')}); an actor's process is its own and exits with "
-        f"it, so no process is left warm for the next trial. `ray.train.torch` itself imports torch, so "
-        f"covid-ray's trial driver and Train controller never import it: they build and run the trainer "
-        f"from `covid_ray.launch`, whose process-group backend imports torch only in the worker. Of the "
-        f"three processes, the worker alone imports torch; with its first optimizer that is about "
-        f"{med['torch'] + adam:.1f} s of every trial's fixed cost on this machine "
-        f"({med['torch']:.2f} + {adam:.2f}; {3 * med['torch'] + adam:.1f} s when all three imported it), "
+        f"it, so no process is left warm for the next trial. What covid-ray takes back instead is whole "
+        f"processes and imports: Ray Train's controller runs in the trial driver rather than in an actor "
+        f"of its own (`covid_ray.launch.Trainer`'s `controller_in_process`), reports reach Tune without "
+        f"a queue actor (`covid_ray.launch.TuneReport`), one placement-group cleaner serves the whole search "
+        f"(`covid_ray.launch.SharedPlacementGroupCleaner`), and since `ray.train.torch` itself imports torch, "
+        f"the trial driver never imports it: it builds and runs the trainer from `covid_ray.launch`, "
+        f"whose process-group backend imports torch only in the worker. The worker alone imports torch; "
+        f"with its first optimizer that is about {med['torch'] + adam:.1f} s of every trial's fixed cost "
+        f"on this machine ({med['torch']:.2f} + {adam:.2f}; {3 * med['torch'] + adam:.1f} s when the "
+        f"trial driver and a controller actor imported it too), "
         f"before gloo, the loop's set-up and the reports. `ray.tune` and `ray.train` still import pandas "
         f"and Ray Data in every one of Ray's per-trial processes."
     )
     return f"""Command: `{command}` &nbsp; Date: {today()}
 Machine: {machine_note()}.
 
-A trial starts three Ray actors on its critical path, each a new Python process: Tune's trial
-driver, Ray Train's controller and Ray Train's worker. Beside them Ray 2.60 starts, per trial,
-Tune's report queue, Train's synchronization actor and placement-group cleaner, and (unless
-covid-ray leaves them out, as it does) a Ray Data manager and a preemption watcher: more
-processes sharing the same cores. Imports, each in a fresh interpreter:
+A trial starts two Ray actors on its critical path, each a new Python process: Tune's trial
+driver, in which covid-ray also runs Ray Train's controller (Ray would start a third actor for
+it), and Ray Train's worker. Beside them Ray 2.60 starts, per trial, Train's synchronization
+actor, and (unless covid-ray leaves them out, as it does) a controller actor, a
+placement-group cleaner (one serves covid-ray's whole search), Tune's report queue, a Ray
+Data manager and a preemption watcher: more processes sharing the same cores. Imports, each in a fresh interpreter:
 
 {imports}
 

@@ -12,6 +12,14 @@ and sets up ``torch.distributed`` (gloo on CPU, NCCL on GPU) in the workers with
 own torch helpers, which the workers import. :func:`build_trainer` therefore builds Ray
 Train's ``DataParallelTrainer`` with it; ``TorchTrainer`` is that same class with
 ``TorchConfig``.
+
+Under Tune, the trial driver is already a Ray actor with nothing else to do while its
+run trains, so :class:`Trainer` can run Ray Train's controller in that process
+(``controller_in_process``) instead of starting one more actor process for it, and
+:class:`TuneReport` hands each report to Tune's session there instead of through the
+queue actor that ``TuneReportCallback`` starts for every trial. One
+:class:`SharedPlacementGroupCleaner` per search then frees the placement group of a trial
+driver that dies mid-run, where Ray Train starts a cleaner process for every run.
 """
 from __future__ import annotations
 
@@ -24,6 +32,8 @@ from pathlib import Path
 import ray
 from ray.train.backend import Backend, BackendConfig
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
 from ray.train.v2.api.callback import UserCallback
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
@@ -173,22 +183,237 @@ def history_callback(where: str | Path):
     return HistoryCallback(str(where))
 
 
+class TuneReport(UserCallback):
+    """Hand every report of rank 0 to Tune, from a controller running in the trial driver.
+
+    ``TuneReportCallback`` does the same from a controller in its own actor, through a
+    Ray queue, which is one more actor process for every trial. Here the controller runs
+    in the trial driver's thread (``controller_in_process``), where Tune's session lives,
+    so the report is a plain ``ray.tune.report``. Metrics and the checkpoint path are
+    those ``TuneReportCallback`` sends.
+
+    List it last among the run's callbacks: the report waits until Tune has taken the
+    result, and when Tune stops the trial (ASHA, or the last epoch) it ends the thread
+    from inside the report, so callbacks after it would miss that epoch.
+    """
+
+    def __init__(self):
+        from ray.tune.trainable.trainable_fn_utils import _in_tune_session
+
+        if not _in_tune_session():  # ray.tune.report would only warn, and the reports would be lost
+            raise RuntimeError("TuneReport reports to Tune: build it in a Tune trial")
+
+    def after_report(self, run_context, metrics, checkpoint):
+        import ray.tune
+        from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+
+        row = dict(metrics[0])
+        if checkpoint:
+            row[CHECKPOINT_PATH_KEY] = checkpoint.path
+        ray.tune.report(row)
+
+
+# ------------------------------------------------------------ placement groups of dead trial drivers
+
+
+class SharedPlacementGroupCleaner:
+    """One Ray actor that frees the placement group of any run whose launching actor died.
+
+    Ray keeps a placement group reserved until both the actor and the job that created it
+    are gone, so a trial driver that Tune kills mid-run (ASHA stops it) would hold its
+    workers' CPUs for the rest of the search. Ray Train 2.60 starts one cleaner process per
+    run for this (``PlacementGroupCleaner``, which imports Ray Train: about a second of CPU
+    per trial on a small machine); this one serves every trial of a search. Runs register
+    ``(owner actor id, placement group)`` once their worker group has started and
+    unregister when they shut down; a thread checks the owners every ``check_interval_s``.
+    """
+
+    def __init__(self, check_interval_s: float = 1.0):
+        import threading
+
+        self._groups: dict[str, object] = {}
+        self._lock = threading.Lock()
+        self._interval = check_interval_s
+        self._rounds = 0
+        self._warned: set[str] = set()
+        threading.Thread(target=self._watch, name="covid-ray-pg-cleaner", daemon=True).start()
+
+    def register(self, owner_id: str, placement_group) -> None:
+        with self._lock:
+            self._groups[owner_id] = placement_group
+
+    def unregister(self, owner_id: str) -> None:
+        with self._lock:
+            self._groups.pop(owner_id, None)
+
+    def registered(self) -> list[str]:
+        with self._lock:
+            return sorted(self._groups)
+
+    def rounds(self) -> int:
+        """Completed checks of all owners."""
+        return self._rounds
+
+    def drain(self, timeout_s: float) -> list[str]:
+        """Wait until no run is registered (their owners ended or were freed); returns those left."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while (left := self.registered()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return left
+
+    def _watch(self) -> None:
+        import time
+
+        while True:
+            time.sleep(self._interval)
+            with self._lock:
+                owners = list(self._groups.items())
+            for owner_id, group in owners:
+                try:
+                    if _actor_alive(owner_id):
+                        continue
+                    _remove_placement_group(group)
+                except Exception as e:  # noqa: BLE001 - keep watching the others; try again next round
+                    if owner_id not in self._warned:
+                        self._warned.add(owner_id)
+                        logger.warning("could not check run owner %s or free its placement group (will retry): %s",
+                                       owner_id, e)
+                    continue
+                with self._lock:
+                    if self._groups.get(owner_id) is group:  # not a group registered since this round began
+                        del self._groups[owner_id]
+            self._rounds += 1
+
+
+def _actor_alive(actor_id: str) -> bool:
+    from ray.util.state import get_actor
+
+    state = get_actor(actor_id, timeout=10)
+    return state is not None and state.state != "DEAD"
+
+
+def _remove_placement_group(group) -> None:
+    from ray.util.placement_group import placement_group_table, remove_placement_group
+
+    if placement_group_table(group).get("state", "REMOVED") != "REMOVED":
+        logger.warning("freeing the placement group %s of a run whose driver died", group.id.hex())
+        remove_placement_group(group)
+
+
+def start_placement_group_cleaner(name: str):
+    """A :class:`SharedPlacementGroupCleaner` named ``name``, on the head node, as Ray places its own.
+
+    One per search: give each its own name (a cleaner being shut down is no use to the
+    next search), and :func:`stop_placement_group_cleaner` it at the end.
+    """
+    from ray._common.constants import HEAD_NODE_RESOURCE_NAME
+
+    return ray.remote(num_cpus=0)(SharedPlacementGroupCleaner).options(
+        name=name, resources={HEAD_NODE_RESOURCE_NAME: 0.001}).remote()
+
+
+def stop_placement_group_cleaner(cleaner, timeout_s: float = 30.0) -> None:
+    """Let ``cleaner`` free the groups of runs that Tune ended last, then end it."""
+    try:
+        left = ray.get(cleaner.drain.remote(timeout_s))
+        if left:
+            logger.warning("placement groups of %d runs still reserved after %.0f s: %s", len(left), timeout_s, left)
+    except Exception as e:  # noqa: BLE001 - the search's results are written already
+        logger.warning("placement-group cleaner lost before the end of the search: %s", e)
+    ray.kill(cleaner)
+
+
+class SharedCleanerCallback(ControllerCallback, WorkerGroupCallback):
+    """Ray Train's ``PlacementGroupCleanerCallback``, with the search's one cleaner (named ``name``).
+
+    Best effort, as Ray's: a cleaner that cannot be reached costs a warning, not the run.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self._cleaner = None
+        self._owner = None
+
+    def after_controller_start(self, train_run_context) -> None:
+        self._owner = ray.get_runtime_context().get_actor_id()
+        try:
+            self._cleaner = ray.get_actor(self.name)
+        except ValueError:
+            logger.warning("no placement-group cleaner %r: a placement group may stay reserved if this run's "
+                           "driver dies", self.name)
+
+    def after_worker_group_start(self, worker_group) -> None:
+        if self._cleaner is None:
+            return
+        group = worker_group.get_worker_group_state().placement_group_handle.placement_group
+        try:
+            ray.get(self._cleaner.register.remote(self._owner, group))
+        except Exception as e:  # noqa: BLE001 - raising here would make Ray retry the worker group forever
+            logger.warning("could not register the placement group with cleaner %r: %s", self.name, e)
+
+    async def before_controller_shutdown(self) -> None:
+        self._unregister()
+
+    def before_controller_abort(self) -> None:
+        self._unregister()
+
+    def _unregister(self) -> None:
+        if self._cleaner is not None:
+            self._cleaner.unregister.remote(self._owner)
+
+
 # ------------------------------------------------------------------------------ the trainer
 
 
 class Trainer(DataParallelTrainer):
-    """Ray Train's data-parallel trainer, less Ray Data's per-run actor when the run has no Ray Datasets.
+    """Ray Train's data-parallel trainer, less the processes a trial does not need.
 
     Ray Train 2.60 starts a ``DatasetManager`` actor (a process importing Ray Data) for
     every run, datasets or not. The loop reads its images with torch's DataLoader, so
-    that process would only add to every trial's start-up on a small machine.
+    that process would only add to every trial's start-up on a small machine; it is left
+    out when the run has no Ray Datasets. ``controller_in_process`` runs the controller in
+    this process rather than in an actor of its own, and ``shared_cleaner`` hands the
+    run's placement group to the search's :class:`SharedPlacementGroupCleaner` rather than
+    to a cleaner process of its own.
     """
+
+    controller_in_process = False
+    shared_cleaner: str | None = None  # a SharedPlacementGroupCleaner's name: instead of a cleaner process per run
 
     def _create_default_callbacks(self):
         callbacks = super()._create_default_callbacks()
-        if self.datasets:
-            return callbacks
-        return [cb for cb in callbacks if not isinstance(cb, DatasetsCallback)]
+        if not self.datasets:
+            callbacks = [cb for cb in callbacks if not isinstance(cb, DatasetsCallback)]
+        if self.shared_cleaner:
+            callbacks = [SharedCleanerCallback(self.shared_cleaner) if isinstance(cb, PlacementGroupCleanerCallback) else cb
+                         for cb in callbacks]
+        return callbacks
+
+    def _initialize_and_run_controller(self, **controller_init_kwargs):
+        """Ray Train's controller, as an actor of its own or (``controller_in_process``) here.
+
+        In this process the controller is Ray's same ``TrainController``, run to its end
+        on this thread's event loop. The process must be an actor (Tune's trial driver is
+        one): Ray Train hands the controller's actor handle to the workers (this actor's
+        here, so ``ray.train.get_all_reported_checkpoints``, which covid-ray does not call,
+        would not work), and its placement-group cleaner frees the workers' resources when
+        this actor dies. Ray ends the workers, which this process then owns, with it.
+        """
+        if not self.controller_in_process:
+            return super()._initialize_and_run_controller(**controller_init_kwargs)
+        if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+            raise RuntimeError(
+                "controller_in_process needs a Ray actor to run in (such as Tune's trial driver); "
+                "from a driver script, leave it False and Ray Train starts its controller actor")
+        import asyncio
+
+        from ray.train.v2._internal.execution.controller import TrainController
+
+        controller = TrainController(**controller_init_kwargs)
+        asyncio.run(controller.run())
+        return controller.get_result()
 
 
 def build_trainer(
@@ -203,8 +428,17 @@ def build_trainer(
     max_failures: int = 1,
     callbacks: list | None = None,
     worker_env: dict[str, str] | None = None,
+    controller_in_process: bool = False,
+    shared_cleaner: str | None = None,
 ):
-    """A Ray Train trainer for one configuration (validated here, before any worker starts)."""
+    """A Ray Train trainer for one configuration (validated here, before any worker starts).
+
+    ``controller_in_process``: run Ray Train's controller in this process, which must be a
+    Ray actor (Tune's trial driver), instead of in an actor of its own. ``shared_cleaner``:
+    the name of a cleaner :func:`start_placement_group_cleaner` started, which frees the
+    run's placement group should this process die, instead of a cleaner process of the
+    run's own.
+    """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
     if num_workers < 1:
@@ -213,7 +447,7 @@ def build_trainer(
     resources: dict[str, float] = {"CPU": cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1.0 if gpus_per_worker is None else gpus_per_worker
-    return Trainer(
+    trainer = Trainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_flat(),
         backend_config=ProcessGroupConfig(backend="nccl" if use_gpu else "gloo"),
@@ -231,6 +465,9 @@ def build_trainer(
             worker_runtime_env={"env_vars": worker_env} if worker_env else None,
         ),
     )
+    trainer.controller_in_process = controller_in_process
+    trainer.shared_cleaner = shared_cleaner
+    return trainer
 
 
 def best_of(result, metric: str) -> tuple[dict, str | None]:

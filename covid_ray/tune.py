@@ -7,8 +7,10 @@ their per-epoch values, starts the study from ``searcher.start_with``, and runs 
 tutorial's hand recipe (``search_spaces/recipe.yaml``) as one reference trial of every
 search (``--no-recipe`` turns it off), which ASHA never stops. Each trial is a small Tune *function trainable* that launches one Ray Train
 run (:func:`covid_ray.launch.build_trainer`) and forwards its per-epoch reports to
-Tune with ``TuneReportCallback`` -- Ray 2.60's replacement for passing a Trainer to
-the Tuner. The trial driver itself holds only a sliver of a CPU; the DDP workers
+Tune -- Ray 2.60's replacement for passing a Trainer to the Tuner. Ray Train's
+controller runs in the trial driver's own process, and :class:`covid_ray.launch.TuneReport`
+does there what ``TuneReportCallback`` does from a controller actor, without its
+queue actor. The trial driver itself holds only a sliver of a CPU; the DDP workers
 hold the resources asked for with ``--workers-per-trial``/``--cpus-per-worker``/
 ``--gpus-per-worker`` (fractional GPUs let small models share one).
 
@@ -21,6 +23,7 @@ import logging
 import os
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -59,15 +62,15 @@ class LaunchSpec:
     gpus_per_worker: float = 0.0
     max_failures: int = 1
     worker_env: tuple[tuple[str, str], ...] = ()  # fault injection for the recovery tests
+    cleaner: str | None = None  # the search's placement-group cleaner (covid_ray.launch), by name
 
 
 def trial_driver(config: dict, launch: LaunchSpec) -> None:
     """Tune function trainable: run one Ray Train run and relay its reports to Tune."""
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from covid_ray.artifacts.experiment import ARM_COLUMN, trial_history  # the searcher's ARM_KEY, without Optuna
-    from covid_ray.launch import build_trainer, history_callback  # torch-free: this process never loads torch
+    from covid_ray.launch import TuneReport, build_trainer, history_callback  # torch-free: this process never loads torch
 
     trial_id = ray.tune.get_context().get_trial_id()
     config = {k: v for k, v in config.items() if k != ARM_COLUMN}  # the trial's label, not a training key
@@ -84,8 +87,15 @@ def trial_driver(config: dict, launch: LaunchSpec) -> None:
         max_failures=launch.max_failures,
         # The history beside the trial's checkpoints: written as each epoch is reported, it
         # survives a killed driver whose Tune result files lose their last epochs.
-        callbacks=[TuneReportCallback(), history_callback(trial_history(launch.train_storage, trial_id))],
+        # TuneReport last: when Tune stops the trial it ends this thread from inside the
+        # report, and the epoch's history line must be written by then.
+        callbacks=[history_callback(trial_history(launch.train_storage, trial_id)), TuneReport()],
         worker_env=dict(launch.worker_env) or None,
+        # Ray Train's controller runs here, in this actor with nothing else to do while
+        # its run trains, instead of in one more process per trial; and the search's one
+        # cleaner frees the placement group should ASHA stop the trial (kill this actor).
+        controller_in_process=True,
+        shared_cleaner=launch.cleaner,
     )
     trainer.fit()
 
@@ -351,6 +361,10 @@ def _run_tuner(opts, store, exp: Path, ss: SearchSpace, meta: dict, reference: d
         workers=int(res["workers_per_trial"]), cpus_per_worker=float(res["cpus_per_worker"]),
         gpus_per_worker=float(res["gpus_per_worker"]), driver_cpus=DRIVER_CPUS, concurrent=ss.max_concurrent,
     )
+    from covid_ray.launch import start_placement_group_cleaner, stop_placement_group_cleaner
+
+    cleaner_name = f"covid-ray-pg-cleaner-{uuid.uuid4().hex[:12]}"  # this search's, resumed or not
+    cleaner = start_placement_group_cleaner(cleaner_name)
     launch = LaunchSpec(
         train_storage=store.train_storage,
         workers_per_trial=int(res["workers_per_trial"]),
@@ -360,8 +374,9 @@ def _run_tuner(opts, store, exp: Path, ss: SearchSpace, meta: dict, reference: d
         worker_env=tuple(sorted((opts.worker_env if opts.worker_env is not None else {
             k: os.environ[k] for k in FAULT_ENV if k in os.environ
         }).items())),
+        cleaner=cleaner_name,
     )
-    write_json(exp / LAUNCH_FILE, asdict(launch))
+    write_json(exp / LAUNCH_FILE, {k: v for k, v in asdict(launch).items() if k != "cleaner"})  # not this run's actor
     store.push()
     trainable = tune.with_resources(tune.with_parameters(trial_driver, launch=launch), {"CPU": DRIVER_CPUS})
     tune_dir = store.tune_dir
@@ -395,6 +410,7 @@ def _run_tuner(opts, store, exp: Path, ss: SearchSpace, meta: dict, reference: d
         )
     tuner.fit()
     elapsed = time.time() - t0
+    stop_placement_group_cleaner(cleaner)  # frees what Tune's last stops left; not the search's time
     wall = elapsed + float(meta.get("search_wall_time_s", 0.0)) if opts.resume else elapsed
     meta["search_wall_time_s"] = wall
     write_experiment(exp, meta)

@@ -9,16 +9,18 @@ from covid_ray.launch import ProcessGroupBackend, ProcessGroupConfig, build_trai
 FLAT = {"data": "data", "split": "split.csv", "model": "resnet18", "image_size": 64, "epochs": 2}
 
 # The trial driver itself (covid_ray.tune.trial_driver) in a fresh interpreter, with only
-# Tune's session and the run stubbed; then what Ray ships to the Train controller: the run
+# Tune's session and the run stubbed; then what Ray ships to a Train controller actor (the
+# path of covid_ray.train's CLI; a trial runs its controller in the driver): the run
 # context and the controller's callbacks, as fit() would send them.
 DRIVER = f"""
 import sys, types, ray.cloudpickle as pickle
-import ray.tune, ray.tune.integration.ray_train as tune_train
+import ray.tune
 ray.tune.get_context = lambda: types.SimpleNamespace(get_trial_id=lambda: "t1")
-tune_train.TuneReportCallback.__init__ = lambda self: None
 import covid_ray.launch
+covid_ray.launch.TuneReport.__init__ = lambda self: None  # no Tune session here
 
 def fit(trainer):
+    assert trainer.controller_in_process  # the controller runs in this process: no torch here either
     payload = pickle.dumps((trainer.train_run_context, trainer._create_default_callbacks()))
     open(sys.argv[1] + "/controller.pkl", "wb").write(payload)
 
@@ -49,6 +51,27 @@ def test_trial_driver_and_controller_never_import_torch(tmp_path):
     assert int(n_callbacks) >= 4  # Ray's own and the history: all unpickled
 
 
+def test_controller_in_process_needs_an_actor(tmp_path):
+    import pytest
+    import ray
+
+    trainer = build_trainer(FLAT, storage_path=tmp_path, name="here", controller_in_process=True)
+    assert not ray.is_initialized()  # this test process is no Ray actor (and the check starts no Ray)
+    with pytest.raises(RuntimeError, match="controller_in_process needs a Ray actor to run in"):
+        trainer._initialize_and_run_controller()
+    assert not ray.is_initialized()
+    assert not build_trainer(FLAT, storage_path=tmp_path, name="actor").controller_in_process  # the default
+
+
+def test_tune_report_refuses_to_run_outside_a_trial():
+    import pytest
+
+    from covid_ray.launch import TuneReport
+
+    with pytest.raises(RuntimeError, match="TuneReport reports to Tune: build it in a Tune trial"):
+        TuneReport()
+
+
 def test_build_trainer_refuses_zero_workers(tmp_path):
     import pytest
 
@@ -69,3 +92,53 @@ def test_backend_config_picks_nccl_for_gpus_and_matches_torchconfig_fields(tmp_p
     assert set(ProcessGroupConfig().to_dict()) == set(TorchConfig().to_dict())
     assert ProcessGroupConfig().framework == TorchConfig().framework
     assert ProcessGroupConfig().backend is None  # chosen from the workers' resources, as TorchConfig does
+
+
+def test_shared_cleaner_frees_the_placement_group_of_a_dead_owner_and_no_other(ray_session):
+    import time
+
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    from covid_ray.launch import start_placement_group_cleaner, stop_placement_group_cleaner
+
+    ray = ray_session
+    cleaner = start_placement_group_cleaner("test-cleaner")
+
+    @ray.remote(num_cpus=0)
+    class Owner:  # a trial driver: reserves its workers' resources, registers them, may die
+        def reserve(self, cleaner, register: bool):
+            group = placement_group([{"CPU": 0.25}])
+            ray.get(group.ready())
+            if register:
+                ray.get(cleaner.register.remote(ray.get_runtime_context().get_actor_id(), group))
+            return ray.get_runtime_context().get_actor_id(), group
+
+    def wait_for(condition, what: str):
+        deadline = time.monotonic() + 60
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.1)
+
+    dead, alive, unregistered = Owner.remote(), Owner.remote(), Owner.remote()
+    _, dead_group = ray.get(dead.reserve.remote(cleaner, True))
+    alive_id, alive_group = ray.get(alive.reserve.remote(cleaner, True))
+    _, lost_group = ray.get(unregistered.reserve.remote(cleaner, False))
+    ray.kill(dead)
+    ray.kill(unregistered)
+    wait_for(lambda: ray.get(cleaner.registered.remote()) == [alive_id], "the dead owner's entry")
+    assert placement_group_table(dead_group)["state"] == "REMOVED"
+    after = ray.get(cleaner.rounds.remote())
+    wait_for(lambda: ray.get(cleaner.rounds.remote()) >= after + 2, "two more rounds of checks")
+    assert placement_group_table(alive_group)["state"] == "CREATED"  # its owner lives
+    # Not registered: Ray keeps a dead actor's placement group while the job lives.
+    assert placement_group_table(lost_group)["state"] == "CREATED"
+    remove_placement_group(lost_group)
+
+    # The end of a search: the cleaner frees what Tune's last stops left, then ends.
+    ray.kill(alive)
+    stop_placement_group_cleaner(cleaner, timeout_s=60)
+    assert placement_group_table(alive_group)["state"] == "REMOVED"
+    from ray.util.state import list_actors
+
+    wait_for(lambda: not [a for a in list_actors(filters=[("name", "=", "test-cleaner")]) if a.state != "DEAD"],
+             "the cleaner's end")

@@ -51,6 +51,14 @@ def check_tables(exp: Path, n_trials: int) -> tuple[pd.DataFrame, pd.DataFrame]:
         assert t.best_val_macro_f1 == pytest.approx(h.val_macro_f1.max())
         assert t.epochs == h.epoch.max() and h.epoch.is_unique
         assert Path(t.checkpoint, "model.pt").is_file()
+    for _, t in trials.iterrows():
+        # Every epoch Tune received is in the trial's history too, the one Tune stopped it at
+        # included (the history is written before the report that Tune's stop ends). A
+        # killed driver's Tune results may lack epochs that the history kept: hence >=.
+        tune_epochs = [json.loads(line).get("epoch", 0) for f in (exp / "tune").glob(f"*{t.trial_id}*/result.json")
+                       for line in f.read_text().splitlines() if line.strip()]
+        if tune_epochs:
+            assert t.epochs >= max(tune_epochs), (t.trial_id, t.epochs, max(tune_epochs))
     for name in ("leaderboard.md", "split.csv", "data_report.json", "search_space.yaml", "metric_per_epoch.png", "optuna.db"):
         assert (exp / name).is_file(), name
     board = (exp / "leaderboard.md").read_text()
@@ -164,6 +172,21 @@ def test_search_writes_consistent_tables_and_records_a_failing_trial(easy_split,
     assert "1 errored" in board
     meta = json.loads((exp / "experiment.json").read_text())
     assert meta["classes"] == ["COVID", "Normal"] and meta["synthetic"] is False
+    # Ray Train's controller ran inside each trial driver, reports reached Tune without a
+    # queue actor, and one cleaner served the search: no per-trial process of those kinds
+    # was started, while each trial had its worker.
+    from ray.util.state import list_actors
+
+    started = {}
+    for cls in ("RayTrainWorker", "TrainController", "_QueueActor", "PlacementGroupCleaner",
+                "SharedPlacementGroupCleaner"):
+        started[cls] = len(list_actors(filters=[("class_name", "=", cls)], limit=1000, raise_on_missing_output=False))
+    assert started["RayTrainWorker"] >= 4 and started["SharedPlacementGroupCleaner"] == 1, started
+    assert started["TrainController"] == started["_QueueActor"] == started["PlacementGroupCleaner"] == 0, started
+    # ... and the search ended with every trial's placement group freed.
+    import ray
+
+    assert {g["state"] for g in ray.util.placement_group_table().values()} <= {"REMOVED"}
 
     with pytest.raises(FileExistsError, match="pass --resume"):
         run_search(SearchOptions(data=str(root), search_space=str(space_file(tmp_path)), experiment="tiny",
