@@ -140,16 +140,39 @@ def _is_local_filesystem(filesystem) -> bool:
     return isinstance(filesystem, pyarrow.fs.LocalFileSystem)
 
 
+def _checkpoint_registered(epoch: int) -> bool:
+    """Whether Ray Train's controller has registered the run's checkpoint of ``epoch``.
+
+    The controller writes its checkpoint bookkeeping to the run's storage as it registers
+    a checkpoint; a restarted worker group resumes from what it names.
+    """
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    try:
+        with storage.storage_filesystem.open_input_stream(storage.checkpoint_manager_snapshot_path) as f:
+            state = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError):  # not written yet, or being written
+        return False
+    return any((r.get("metrics") or {}).get("epoch") == epoch for r in state.get("checkpoint_results", []))
+
+
 def _fault_hook(rank: int, epoch: int, best_epoch: int, checkpoint_written: threading.Event | None) -> None:
     """Fault injection for the recovery tests: a hard crash of one rank after an epoch.
 
-    The crash comes once this rank's checkpoint of the epoch is written, so the marker's
-    ``last_checkpoint_epoch`` names a checkpoint that exists.
+    The crash comes once this rank's checkpoint of the epoch is written and Ray Train's
+    controller has registered the best epoch's checkpoint, so the marker's
+    ``last_checkpoint_epoch`` names a checkpoint that exists and that the restarted worker
+    group resumes from, whatever the timing of the checkpoint's background upload (rank 0
+    writes it; any rank may be the one that crashes).
     """
     fail_at = os.environ.get("COVID_RAY_FAIL_AT_EPOCH")
     if fail_at and rank == int(os.environ.get("COVID_RAY_FAIL_RANK", "0")) and epoch == int(fail_at):
         if checkpoint_written is not None:
             checkpoint_written.wait(timeout=120)
+        deadline = time.monotonic() + 120
+        while best_epoch >= 1 and not _checkpoint_registered(best_epoch) and time.monotonic() < deadline:
+            time.sleep(0.1)
         marker = Path(os.environ.get("COVID_RAY_FAIL_MARKER", ""))
         if marker.name and not marker.exists():
             marker.write_text(json.dumps({"killed_at_epoch": epoch, "last_checkpoint_epoch": best_epoch}))
