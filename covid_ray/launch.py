@@ -86,6 +86,12 @@ class DeviceContext:
         return self._inner.__exit__(*exc)
 
 
+def default_backend(resources_per_worker: dict[str, float]) -> str:
+    """The process group's backend for workers with these resources: NCCL when they have GPUs,
+    gloo otherwise (as ``TorchConfig`` picks)."""
+    return "nccl" if resources_per_worker.get("GPU", 0) > 0 else "gloo"
+
+
 class ProcessGroupBackend(Backend):
     """``TorchConfig``'s backend with the controller's side torch-free (env:// rendezvous on rank 0)."""
 
@@ -94,8 +100,7 @@ class ProcessGroupBackend(Backend):
     def on_start(self, worker_group, backend_config: ProcessGroupConfig) -> None:
         from ray.train._internal.utils import get_address_and_port
 
-        backend = backend_config.backend or (
-            "nccl" if worker_group.get_resources_per_worker().get("GPU", 0) > 0 else "gloo")
+        backend = backend_config.backend or default_backend(worker_group.get_resources_per_worker())
         addr, port = worker_group.execute_single(0, get_address_and_port)
         worker_group.execute(_set_master, addr=addr, port=port)
         ray.get([
@@ -121,7 +126,7 @@ class ProcessGroupBackend(Backend):
 @dataclass
 class ProcessGroupConfig(BackendConfig):
     """``torch.distributed`` for the workers: ``backend`` ``gloo`` or ``nccl``; None picks as
-    ``TorchConfig`` does (NCCL when the workers have GPUs)."""
+    ``TorchConfig`` does (:func:`default_backend`)."""
 
     backend: str | None = None
     timeout_s: int = 1800
@@ -450,7 +455,7 @@ def build_trainer(
     trainer = Trainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_flat(),
-        backend_config=ProcessGroupConfig(backend="nccl" if use_gpu else "gloo"),
+        backend_config=ProcessGroupConfig(),  # its backend: default_backend(the workers' resources)
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name,

@@ -126,8 +126,9 @@ def collect(exp: Path, locate: Callable[[str], str] | None = None) -> tuple[pd.D
         last_report = own.iloc[-1] if own is not None and len(own) else last
         patience_stop = bool(last_report.get("early_stopped", False)) if len(hist) else False
         row["early_stopped"] = patience_stop
+        budget = int(trial.config.get("epochs") or max_epochs or 0)  # its own, where the space searches epochs
         row["stopped_early"] = bool(
-            trial.status == "TERMINATED" and max_epochs and row["epochs"] < max_epochs and not patience_stop
+            trial.status == "TERMINATED" and budget and row["epochs"] < budget and not patience_stop
         )
         row["wall_time_s"] = float(last.get("time_total_s", math.nan)) if len(hist) else math.nan
         row["node_id"] = hist["node_id"].iloc[-1] if len(hist) else ""

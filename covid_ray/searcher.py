@@ -51,13 +51,17 @@ def trial_arm(config: dict) -> str:
 def end_state(result: dict | None, *, error: bool, full_fidelity: int) -> str:
     """``COMPLETE``, ``PRUNED`` or ``FAIL`` for a trial that ended with ``result`` as its last report.
 
-    A trial that reached ``full_fidelity`` epochs, or that early stopping ended (it had
-    converged by its own rule), is complete; one that ended below full fidelity without early
-    stopping was stopped by the scheduler: pruned. An error with no usable result is a failure.
+    A trial that reached ``full_fidelity`` epochs, or its own epoch budget where that is fewer
+    (a space that searches ``epochs``; Tune's results carry the trial's config), or that early
+    stopping ended (it had converged by its own rule), is complete; one that ended below its
+    budget without early stopping was stopped by the scheduler: pruned. An error with no
+    usable result is a failure.
     """
     if error or not result or FIDELITY_ATTR not in result:
         return "FAIL"
-    if int(result[FIDELITY_ATTR]) >= full_fidelity or bool(result.get("early_stopped", False)):
+    own = (result.get("config") or {}).get("epochs")
+    budget = min(int(full_fidelity), int(own)) if own else int(full_fidelity)
+    if int(result[FIDELITY_ATTR]) >= budget or bool(result.get("early_stopped", False)):
         return "COMPLETE"
     return "PRUNED"
 

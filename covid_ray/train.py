@@ -21,7 +21,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -84,7 +83,7 @@ def _resume(run: TrainingRun, rank: int) -> int:
     return epoch
 
 
-def _report(run: TrainingRun, metrics: dict, *, with_checkpoint: bool) -> threading.Event | None:
+def _report(run: TrainingRun, metrics: dict, *, with_checkpoint: bool) -> None:
     """Report the epoch to Ray Train; with a self-describing checkpoint of this epoch when asked.
 
     A checkpoint is large (``seed_cnn``'s weights and Adam state are 312 MB), and a slow
@@ -96,15 +95,12 @@ def _report(run: TrainingRun, metrics: dict, *, with_checkpoint: bool) -> thread
     reports the epoch once it is there. An object store gets Ray's own upload from a
     local temporary folder, before the next epoch: uploaded beside it, the two-node S3
     recovery test (``tests/test_storage.py``) restarted its killed trial from scratch.
-
-    Returns:
-        An event set once the background write ended; None when nothing is left to write.
     """
     import ray.train
 
     if not with_checkpoint:
         ray.train.report(metrics)
-        return None
+        return
     cfg = run.cfg
     files = encode_checkpoint(run.model, classes=run.classes, image_size=cfg.data.image_size, metrics=metrics,
                               epoch=int(metrics["epoch"]), config=cfg.to_flat(), train_state=run.train_state())
@@ -113,8 +109,7 @@ def _report(run: TrainingRun, metrics: dict, *, with_checkpoint: bool) -> thread
         with tempfile.TemporaryDirectory() as tmp:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(
                 str(write_checkpoint_files(tmp, files))))
-        return None  # uploaded already
-    written = threading.Event()
+        return  # uploaded already
     staging = Path(storage.experiment_fs_path, f".checkpoint-{uuid.uuid4().hex}")
     staging.mkdir()
 
@@ -126,12 +121,10 @@ def _report(run: TrainingRun, metrics: dict, *, with_checkpoint: bool) -> thread
             return ray.train.Checkpoint(path=destination, filesystem=storage.storage_filesystem)
         finally:
             shutil.rmtree(staging, ignore_errors=True)  # gone already when renamed
-            written.set()
 
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(staging)),
                      checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC, checkpoint_upload_fn=upload,
                      delete_local_checkpoint_after_upload=False)  # upload() leaves nothing behind
-    return written
 
 
 def _is_local_filesystem(filesystem) -> bool:
@@ -157,19 +150,17 @@ def _checkpoint_registered(epoch: int) -> bool:
     return any((r.get("metrics") or {}).get("epoch") == epoch for r in state.get("checkpoint_results", []))
 
 
-def _fault_hook(rank: int, epoch: int, best_epoch: int, checkpoint_written: threading.Event | None) -> None:
+def _fault_hook(rank: int, epoch: int, best_epoch: int) -> None:
     """Fault injection for the recovery tests: a hard crash of one rank after an epoch.
 
-    The crash comes once this rank's checkpoint of the epoch is written and Ray Train's
-    controller has registered the best epoch's checkpoint, so the marker's
+    The crash comes once Ray Train's controller has registered the best epoch's checkpoint
+    (which it does only once the checkpoint is written), so the marker's
     ``last_checkpoint_epoch`` names a checkpoint that exists and that the restarted worker
     group resumes from, whatever the timing of the checkpoint's background upload (rank 0
     writes it; any rank may be the one that crashes).
     """
     fail_at = os.environ.get("COVID_RAY_FAIL_AT_EPOCH")
     if fail_at and rank == int(os.environ.get("COVID_RAY_FAIL_RANK", "0")) and epoch == int(fail_at):
-        if checkpoint_written is not None:
-            checkpoint_written.wait(timeout=120)
         deadline = time.monotonic() + 120
         while best_epoch >= 1 and not _checkpoint_registered(best_epoch) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -219,12 +210,12 @@ def train_loop_per_worker(flat_config: dict) -> None:
                 f"{metric} {metrics[metric]:.4f}{' *' if step.improved else ''} ({metrics['epoch_time_s']:.1f}s)",
                 flush=True,
             )
-        written = _report(run, metrics, with_checkpoint=step.improved and rank == 0)
+        _report(run, metrics, with_checkpoint=step.improved and rank == 0)
         if run.early.should_stop:
             if rank == 0:
                 print(f"[covid-ray] early stop: no {metric} gain for {run.early.bad_epochs} epochs", flush=True)
             break
-        _fault_hook(rank, epoch + 1, run.early.best_epoch, written)
+        _fault_hook(rank, epoch + 1, run.early.best_epoch)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -4,7 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from covid_ray.launch import ProcessGroupBackend, ProcessGroupConfig, build_trainer
+from covid_ray.launch import ProcessGroupBackend, ProcessGroupConfig, build_trainer, default_backend
 
 FLAT = {"data": "data", "split": "split.csv", "model": "resnet18", "image_size": 64, "epochs": 2}
 
@@ -32,8 +32,10 @@ print(sorted(m for m in ("torch", "torchvision", "sklearn") if m in sys.modules)
 CONTROLLER = """
 import sys, ray.cloudpickle as pickle
 context, callbacks = pickle.loads(open(sys.argv[1] + "/controller.pkl", "rb").read())
+from covid_ray.launch import default_backend  # its module is the backend config's: loaded already
 backend = context.backend_config.backend_cls()
-print(type(backend).__name__, context.backend_config.backend, len(callbacks),
+chosen = context.backend_config.backend or default_backend(context.scaling_config.resources_per_worker)
+print(type(backend).__name__, chosen, len(callbacks),
       sorted(m for m in ("torch", "torchvision", "sklearn") if m in sys.modules))
 """
 
@@ -82,8 +84,11 @@ def test_build_trainer_refuses_zero_workers(tmp_path):
 def test_backend_config_picks_nccl_for_gpus_and_matches_torchconfig_fields(tmp_path):
     cpu = build_trainer(FLAT, storage_path=tmp_path, name="cpu")
     gpu = build_trainer(FLAT, use_gpu=True, gpus_per_worker=0.5, storage_path=tmp_path, name="gpu")
-    assert isinstance(cpu.backend_config, ProcessGroupConfig) and cpu.backend_config.backend == "gloo"
-    assert gpu.backend_config.backend == "nccl"
+    # One choice, in the backend, from the workers' resources (as TorchConfig's): none made here.
+    assert isinstance(cpu.backend_config, ProcessGroupConfig) and cpu.backend_config.backend is None
+    assert gpu.backend_config.backend is None
+    assert default_backend(cpu.scaling_config.resources_per_worker) == "gloo"
+    assert default_backend(gpu.scaling_config.resources_per_worker) == "nccl"
     assert gpu.scaling_config.resources_per_worker == {"CPU": 1.0, "GPU": 0.5}
     assert gpu.backend_config.backend_cls is ProcessGroupBackend
     assert ProcessGroupBackend.share_cuda_visible_devices  # as TorchConfig's: NCCL sees its peers' GPUs

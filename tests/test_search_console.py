@@ -21,7 +21,7 @@ SPACE = {
     "resources": {"workers_per_trial": 1, "cpus_per_worker": 0.9, "gpus_per_worker": 0, "max_failures": 0},
     "scheduler": {"type": "asha", "max_t": 3, "grace_period": 1, "reduction_factor": 2},
     "searcher": {"type": "optuna", "seed": 0, "n_startup_trials": 2},
-    "fixed": {"image_size": 40, "epochs": 3, "model": "seed_cnn", "batch_size": 16},
+    "fixed": {"image_size": 40, "epochs": 3, "model": "mobilenet_v3_small", "batch_size": 16},
     "space": {"lr": {"loguniform": [1e-5, 2e-3]}, "class_weights": {"choice": ["none", "balanced"]}},
 }
 

@@ -111,6 +111,10 @@ def test_end_state_rules():
     assert end_state(result(2, 0.5, early_stopped=True), error=False, full_fidelity=6) == "COMPLETE"
     assert end_state(result(2, 0.5), error=True, full_fidelity=6) == "FAIL"
     assert end_state(None, error=False, full_fidelity=6) == "FAIL"
+    # A space that searches epochs: a trial that trained its own (fewer) epochs was not pruned.
+    assert end_state({**result(2, 0.5), "config": {"epochs": 2}}, error=False, full_fidelity=6) == "COMPLETE"
+    assert end_state({**result(2, 0.5), "config": {"epochs": 4}}, error=False, full_fidelity=6) == "PRUNED"
+    assert end_state({**result(6, 0.5), "config": {"epochs": 9}}, error=False, full_fidelity=6) == "COMPLETE"
 
 
 class _Trial:

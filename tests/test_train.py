@@ -20,7 +20,7 @@ from covid_ray.metrics import validation_summary
 
 pytestmark = pytest.mark.slow
 
-BASE = {"model": "seed_cnn", "image_size": 40, "batch_size": 16, "lr": 1e-3, "seed": 0}
+BASE = {"model": "mobilenet_v3_small", "image_size": 40, "batch_size": 16, "lr": 1e-3, "seed": 0}
 
 
 def _flat(root, split, tmp_path, **kw):
