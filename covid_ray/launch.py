@@ -100,7 +100,7 @@ class ProcessGroupBackend(Backend):
     def on_start(self, worker_group, backend_config: ProcessGroupConfig) -> None:
         from ray.train._internal.utils import get_address_and_port
 
-        backend = backend_config.backend or default_backend(worker_group.get_resources_per_worker())
+        backend = backend_config.backend_for(worker_group.get_resources_per_worker())
         addr, port = worker_group.execute_single(0, get_address_and_port)
         worker_group.execute(_set_master, addr=addr, port=port)
         ray.get([
@@ -147,6 +147,10 @@ class ProcessGroupConfig(BackendConfig):
 
     def to_dict(self) -> dict:
         return {"backend": self.backend, "init_method": "env", "timeout_s": self.timeout_s}
+
+    def backend_for(self, resources_per_worker: dict[str, float]) -> str:
+        """The backend the workers connect with: the one given, else :func:`default_backend`."""
+        return self.backend or default_backend(resources_per_worker)
 
 
 # ------------------------------------------------------------------ history (run in the controller)

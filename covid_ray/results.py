@@ -26,7 +26,8 @@ from covid_ray.artifacts.experiment import (
     METRIC_PLOT, OPTUNA_DB, SEARCH_ARM, SEARCH_SPACE_FILE, TRIALS_FILE, TUNE_DIRNAME, best_checkpoint,
     load_experiment_json, read_history, trial_dir,
 )
-from covid_ray.searcher import RECIPE, trial_arm
+from covid_ray.search_space import SearchSpace
+from covid_ray.searcher import RECIPE, epoch_budget, trial_arm
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,9 @@ def collect(exp: Path, locate: Callable[[str], str] | None = None) -> tuple[pd.D
     meta = load_experiment_json(exp)
     space = yaml.safe_load((exp / SEARCH_SPACE_FILE).read_text())
     metric, mode = meta["metric"], meta["mode"]
-    max_epochs = int(space.get("fixed", {}).get("epochs", 0)) or None
+    # The searcher's rule: a trial that ended below its budget without early stopping was stopped.
+    full_fidelity = SearchSpace(path=str(exp / SEARCH_SPACE_FILE), **{
+        k: v for k, v in space.items() if k in ("scheduler", "fixed")}).full_fidelity
     searched = list(space.get("space", {}))
     analysis = ExperimentAnalysis(str(exp / TUNE_DIRNAME))
     frames = analysis.trial_dataframes
@@ -126,9 +129,9 @@ def collect(exp: Path, locate: Callable[[str], str] | None = None) -> tuple[pd.D
         last_report = own.iloc[-1] if own is not None and len(own) else last
         patience_stop = bool(last_report.get("early_stopped", False)) if len(hist) else False
         row["early_stopped"] = patience_stop
-        budget = int(trial.config.get("epochs") or max_epochs or 0)  # its own, where the space searches epochs
         row["stopped_early"] = bool(
-            trial.status == "TERMINATED" and budget and row["epochs"] < budget and not patience_stop
+            trial.status == "TERMINATED" and row["epochs"] < epoch_budget(trial.config, full_fidelity)
+            and not patience_stop and trial_arm(trial.config) != RECIPE  # ASHA never stops the recipe
         )
         row["wall_time_s"] = float(last.get("time_total_s", math.nan)) if len(hist) else math.nan
         row["node_id"] = hist["node_id"].iloc[-1] if len(hist) else ""

@@ -82,6 +82,14 @@ class SearchSpace:
     def max_epochs(self) -> int:
         return int(self.fixed.get("epochs", OptimConfig().epochs))
 
+    @property
+    def full_fidelity(self) -> int:
+        """Epochs of a trial that ran to the end (ASHA's max_t, else the epoch budget); a trial
+        whose own ``epochs`` are fewer ends sooner (:func:`covid_ray.searcher.epoch_budget`)."""
+        if self.scheduler.get("type", "asha") == "asha":
+            return int(self.scheduler.get("max_t", self.max_epochs))
+        return self.max_epochs
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("path")

@@ -6,8 +6,9 @@ Three things Ray's stock pieces get wrong or lack for this project:
   that a trial ASHA stopped after 2 epochs is COMPLETE with its last value, so TPE models a
   2-epoch score as if it were a converged one. :class:`CovidSearch` reports each epoch as an
   Optuna intermediate value (``trial.report(value, step=epoch)``) and tells a trial that ended
-  below full fidelity as PRUNED. Optuna's TPE ranks pruned trials below complete ones, by the
-  step they reached and then their value, which is the right reading of an ASHA rung.
+  below full fidelity (or its own epoch budget) as PRUNED. Optuna's TPE ranks pruned trials
+  below complete ones, by the step they reached and then their value, which is the right
+  reading of an ASHA rung.
 * **A warm start.** ``searcher.start_with`` in the search-space YAML lists configurations
   known to work; they are enqueued in the Optuna study (once per study, so a resumed search
   does not enqueue them again) and run first, marked ``arm: warm_start``.
@@ -18,7 +19,8 @@ Three things Ray's stock pieces get wrong or lack for this project:
   learns from it without running the same configuration twice.
 
 A trial's end is read from its last result: it reached full fidelity (``epoch`` at
-``full_fidelity``, the scheduler's ``max_t``), stopped itself by early stopping
+``full_fidelity``, the scheduler's ``max_t``, or at the trial's own ``epochs`` where a space
+that searches them gave it fewer: :func:`epoch_budget`), stopped itself by early stopping
 (``early_stopped``), or else the scheduler stopped it. Everything here runs in the search
 driver; the objective is ``best_<metric>``, the best validation value so far, which is what
 the trial's checkpoint holds.
@@ -48,6 +50,13 @@ def trial_arm(config: dict) -> str:
     return str(config.get(ARM_KEY, SEARCH))
 
 
+def epoch_budget(config: dict | None, full_fidelity: int) -> int:
+    """The epochs a trial trains unless a scheduler stops it: ``full_fidelity``, or the trial's
+    own ``epochs`` where a space that searches them gave it fewer."""
+    own = (config or {}).get("epochs")
+    return min(int(full_fidelity), int(own)) if own else int(full_fidelity)
+
+
 def end_state(result: dict | None, *, error: bool, full_fidelity: int) -> str:
     """``COMPLETE``, ``PRUNED`` or ``FAIL`` for a trial that ended with ``result`` as its last report.
 
@@ -59,9 +68,8 @@ def end_state(result: dict | None, *, error: bool, full_fidelity: int) -> str:
     """
     if error or not result or FIDELITY_ATTR not in result:
         return "FAIL"
-    own = (result.get("config") or {}).get("epochs")
-    budget = min(int(full_fidelity), int(own)) if own else int(full_fidelity)
-    if int(result[FIDELITY_ATTR]) >= budget or bool(result.get("early_stopped", False)):
+    if int(result[FIDELITY_ATTR]) >= epoch_budget(result.get("config"), full_fidelity) or bool(
+            result.get("early_stopped", False)):
         return "COMPLETE"
     return "PRUNED"
 

@@ -171,7 +171,7 @@ def _make_searcher(ss: SearchSpace, exp: Path, experiment: str, reference: dict 
     searcher = CovidSearch(
         metric=tune_metric(ss), mode=ss.mode, sampler=sampler, study_name=experiment,
         storage=optuna.storages.RDBStorage(f"sqlite:///{exp / OPTUNA_DB}"),
-        full_fidelity=full_fidelity(ss), start_with=ss.searcher.get("start_with", []), reference=reference,
+        full_fidelity=ss.full_fidelity, start_with=ss.searcher.get("start_with", []), reference=reference,
     )
     return ConcurrencyLimiter(searcher, max_concurrent=ss.max_concurrent)
 
@@ -183,13 +183,6 @@ def tune_metric(ss: SearchSpace) -> str:
     last epoch would otherwise decide a rung.
     """
     return f"best_{ss.metric}"
-
-
-def full_fidelity(ss: SearchSpace) -> int:
-    """Epochs of a trial that ran to the end (ASHA's max_t, else the epoch budget)."""
-    if ss.scheduler.get("type", "asha") == "asha":
-        return int(ss.scheduler["max_t"])
-    return ss.max_epochs
 
 
 def _make_scheduler(ss: SearchSpace):
@@ -326,7 +319,7 @@ def run_search(opts: SearchOptions) -> Path:
         from covid_ray.console import SearchConsole
 
         extra.append(SearchConsole(total=ss.num_samples + (reference is not None), metric=tune_metric(ss),
-                                   full_fidelity=full_fidelity(ss), max_epochs=ss.max_epochs,
+                                   full_fidelity=ss.full_fidelity, max_epochs=ss.max_epochs,
                                    concurrency=ss.max_concurrent))
     from covid_ray.console import capture_output
 

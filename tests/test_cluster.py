@@ -170,8 +170,9 @@ def test_killed_node_trials_are_retried_on_the_remaining_node(easy_split, tmp_pa
     root, _ = easy_split
     # 2 CPUs per node: each node holds exactly one trial's 2 workers, so with 2 trials at
     # once one of them runs on the node that is killed; the head alone fits one trial.
-    # 5 epochs: room for a kill after the first checkpoint with epochs still to run.
-    space = write_space(tmp_path, max_concurrent=2, fixed={**SPACE["fixed"], "epochs": 5})
+    # 10 epochs: room for a kill after the first checkpoint with epochs still to run (a
+    # mobilenet_v3_small epoch at 40 px takes about a second here).
+    space = write_space(tmp_path, max_concurrent=2, fixed={**SPACE["fixed"], "epochs": 10, "early_stop_patience": 0})
     exp = tmp_path / "results" / "nodeloss"
     with LocalCluster(fast_failure_detection=True) as cluster:
         cluster.start_head(num_cpus=2)
@@ -181,7 +182,7 @@ def test_killed_node_trials_are_retried_on_the_remaining_node(easy_split, tmp_pa
         log = open(tmp_path / "search.log", "w")
         proc = subprocess.Popen(search_cmd(cluster, root, space, tmp_path / "results", "nodeloss"),
                                 stdout=log, stderr=subprocess.STDOUT, env=cluster.env)
-        # Kill the second node while a trial's workers run there with at least 2 of 5 epochs
+        # Kill the second node while a trial's workers run there with at least 7 of 10 epochs
         # to go: just after that trial's first checkpoint, once the Train controller has had
         # time to register it (it polls the workers every 0.5 s). Then something must be
         # recovered, and the search cannot end before Ray has noticed the loss.
@@ -202,7 +203,7 @@ def test_killed_node_trials_are_retried_on_the_remaining_node(easy_split, tmp_pa
     assert list(trials.status) == ["TERMINATED"] * 2, tail
     for _, t in trials.iterrows():
         h = history[history.trial_id == t.trial_id]
-        assert list(h.epoch) == [1, 2, 3, 4, 5], h
+        assert list(h.epoch) == list(range(1, 11)), h
         assert Path(t.checkpoint, "model.pt").is_file()
         # nothing reported after the kill can come from the dead node
         progress = tune_progress(exp, t.trial_id)

@@ -32,9 +32,8 @@ print(sorted(m for m in ("torch", "torchvision", "sklearn") if m in sys.modules)
 CONTROLLER = """
 import sys, ray.cloudpickle as pickle
 context, callbacks = pickle.loads(open(sys.argv[1] + "/controller.pkl", "rb").read())
-from covid_ray.launch import default_backend  # its module is the backend config's: loaded already
 backend = context.backend_config.backend_cls()
-chosen = context.backend_config.backend or default_backend(context.scaling_config.resources_per_worker)
+chosen = context.backend_config.backend_for(context.scaling_config.resources_per_worker)  # as on_start picks
 print(type(backend).__name__, chosen, len(callbacks),
       sorted(m for m in ("torch", "torchvision", "sklearn") if m in sys.modules))
 """
@@ -88,7 +87,8 @@ def test_backend_config_picks_nccl_for_gpus_and_matches_torchconfig_fields(tmp_p
     assert isinstance(cpu.backend_config, ProcessGroupConfig) and cpu.backend_config.backend is None
     assert gpu.backend_config.backend is None
     assert default_backend(cpu.scaling_config.resources_per_worker) == "gloo"
-    assert default_backend(gpu.scaling_config.resources_per_worker) == "nccl"
+    assert gpu.backend_config.backend_for(gpu.scaling_config.resources_per_worker) == "nccl"
+    assert ProcessGroupConfig(backend="gloo").backend_for({"GPU": 1.0}) == "gloo"  # a given one is kept
     assert gpu.scaling_config.resources_per_worker == {"CPU": 1.0, "GPU": 0.5}
     assert gpu.backend_config.backend_cls is ProcessGroupBackend
     assert ProcessGroupBackend.share_cuda_visible_devices  # as TorchConfig's: NCCL sees its peers' GPUs

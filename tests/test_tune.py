@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 # mobilenet_v3_small, not the reference seed_cnn: each improving epoch writes an 18 MB
 # checkpoint instead of 313 MB (seed_cnn's 25.7M-weight classifier with its Adam state), and
-# these tests are about the search, not the architecture (test_train trains seed_cnn).
+# these tests are about the search, not the architecture (test_train's CLI test trains seed_cnn).
 TINY = {
     "metric": "val_macro_f1",
     "mode": "max",
@@ -93,20 +93,21 @@ def _histories(exp: Path) -> dict[str, list[dict]]:
 
 def test_driver_killed_mid_search_resumes_without_rerunning_or_losing_a_running_trials_checkpoint(easy_split, tmp_path):
     """The driver dies once one trial has finished and while another runs on after its best (only)
-    checkpoint: ``--resume`` runs the finished trial no more, and keeps the running one's
-    checkpoint and early history."""
+    checkpoint: ``--resume`` runs the finished trial no more, resumes the running one from that
+    checkpoint and keeps its early history, and runs the rest of the search."""
     root, _ = easy_split
     # Two trials at once, from the warm start: "done" (1 epoch) finishes first; "flat" (lr 1e-9
     # and frozen BatchNorm statistics, so epoch 1 is its best epoch and nothing improves after
-    # it) is still running when the driver is killed.
+    # it) is still running when the driver is killed. A second short one follows "done": running,
+    # finished or not yet suggested at the kill, the resumed search must end with all three.
     done, flat = {"lr": 1e-3, "epochs": 1}, {"lr": 1e-9, "epochs": 30}
-    space = space_file(tmp_path, num_samples=2, scheduler={"type": "fifo"},
+    space = space_file(tmp_path, num_samples=3, scheduler={"type": "fifo"},
                        resources={**TINY["resources"], "max_failures": 1},
                        fixed={**{k: v for k, v in TINY["fixed"].items() if k != "epochs"},
                               "bn_momentum": 0.0, "early_stop_patience": 0},
                        space={"lr": {"choice": [1e-9, 1e-3]}, "epochs": {"choice": [1, 30]},
                               "class_weights": {"choice": ["none"]}},
-                       searcher={**TINY["searcher"], "start_with": [done, flat]})
+                       searcher={**TINY["searcher"], "start_with": [done, flat, done]})
     cmd = [sys.executable, "-m", "covid_ray.tune", "--data", str(root), "--search-space", str(space), "--no-recipe",
            "--experiment", "resumable", "--storage-path", str(tmp_path / "results"),
            "--cache-dir", str(tmp_path / "cache")]
@@ -127,31 +128,37 @@ def test_driver_killed_mid_search_resumes_without_rerunning_or_losing_a_running_
         finished = terminated_trials(exp)
         if finished:
             killed_at = len(lines)
+            flat_checkpoints = [p.parent.name for p in (exp / "train" / folder).glob("checkpoint_*/model.pt")]
             os.killpg(proc.pid, signal.SIGKILL)
             break
     proc.wait()
     assert killed_at is not None, (tmp_path / "first.log").read_text()[-3000:]
-    assert len(finished) == 1 and killed_at < 30  # killed while "flat" was still running
-    (done_id,) = finished
-    done_ckpts = sorted(p.name for p in (exp / "train" / done_id).glob("checkpoint_*"))
-    assert done_ckpts
+    assert killed_at < 30 and folder not in finished  # killed while "flat" was still running
+    assert len(flat_checkpoints) == 1  # epoch 1's, the only improvement
+    done_ckpts = {t: sorted(p.name for p in (exp / "train" / t).glob("checkpoint_*")) for t in finished}
+    assert all(done_ckpts.values()), done_ckpts
 
     proc = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "resuming the search" in proc.stdout
-    trials, history = check_tables(exp, 2)
-    assert set(trials.status) == {"TERMINATED"}
-    # No scheduler stopped either (FIFO): "done" trained its own budget of one epoch.
+    trials, history = check_tables(exp, 3)
+    assert set(trials.status) == {"TERMINATED"} and sorted(trials["config/epochs"]) == [1, 1, 30]
+    # No scheduler stopped any (FIFO): the short ones trained their own budget of one epoch.
     first = (tmp_path / "first.log").read_text()
-    assert not trials.stopped_early.any() and "stopped by ASHA after" not in first
-    assert f"trial {done_id} finished 1 epochs" in first
-    # the finished trial was not run again: same checkpoints, one row per epoch
-    assert sorted(p.name for p in (exp / "train" / done_id).glob("checkpoint_*")) == done_ckpts
-    assert list(history[history.trial_id == done_id].epoch) == [1]
-    # the running one kept its checkpoint (epoch 1) and its early epochs, each once
+    assert not trials.stopped_early.any() and "stopped by ASHA after" not in first + proc.stdout
+    for done_id, ckpts in done_ckpts.items():
+        assert f"trial {done_id} finished 1 epochs" in first
+        # not run again: not started by the resumed search, same checkpoints, one row per epoch
+        assert f"trial {done_id} started" not in proc.stdout
+        assert sorted(p.name for p in (exp / "train" / done_id).glob("checkpoint_*")) == ckpts
+        assert list(history[history.trial_id == done_id].epoch) == [1]
+    # the running one resumed from its checkpoint (epoch 1), which stays its best, and kept its
+    # early epochs, each once
     (row,) = trials[trials["config/lr"] < 1e-6].to_dict("records")
-    assert row["best_epoch"] == 1 and Path(row["checkpoint"], "model.pt").is_file()
+    assert row["best_epoch"] == 1 and Path(row["checkpoint"]).name == flat_checkpoints[0]
     assert json.loads(Path(row["checkpoint"], "metadata.json").read_text())["epoch"] == 1
+    progress = pd.read_csv(exp / "tune" / f"trial_{row['trial_id']}" / "progress.csv")
+    assert progress.resumed_from_epoch.max() == 1, progress[["epoch", "resumed_from_epoch"]]
     h = history[history.trial_id == row["trial_id"]]
     assert list(h.epoch) == list(range(1, 31))
     assert h.loc[h.epoch == 1, "checkpoint"].item() == row["checkpoint"]
