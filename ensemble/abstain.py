@@ -33,7 +33,6 @@ from covid_ray.artifacts.bundle import (
     write_preprocess_json,
 )
 from covid_ray.artifacts.experiment import Experiment
-from covid_ray.data.transforms import EvalPreset
 
 from ensemble.members import sample_rows
 from ensemble.ood import (
@@ -110,10 +109,11 @@ def fit_ood(members: Sequence[Member], weights: Sequence[float], temperature: fl
 
 def onnx_scorer(path: Path, spec: dict, threads: int | None = None) -> Callable[[ImageSet], np.ndarray]:
     """``images -> ood_score`` of an exported graph, fed as inference feeds it."""
+    from ensemble.export import input_preset
     from ensemble.quantize import session
 
     sess = session(path, threads=threads)
-    preset = EvalPreset(image_size=spec["image_size"], in_chans=spec["in_chans"])
+    preset = input_preset(spec)
 
     def score(images: ImageSet) -> np.ndarray:
         out = [sess.run([OOD_OUTPUT], {INPUT_NAME: preset(torch.from_numpy(b).unsqueeze(1)).numpy()})[0]

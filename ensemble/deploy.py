@@ -18,9 +18,8 @@ from covid_ray.artifacts.bundle import (
     FP32_FILE, INPUT_NAME, INT8_FILE, OOD_PARAMS_FILE, OUTPUT_NAME, PREPROCESS_FILE, write_preprocess_json,
 )
 from covid_ray.artifacts.experiment import Experiment
-from covid_ray.data.transforms import EvalPreset
 
-from ensemble.export import EnsembleModule, ExportRefused, export_onnx, preprocess_json
+from ensemble.export import EnsembleModule, ExportRefused, export_onnx, input_preset, preprocess_json
 from ensemble.graph import trusted
 from ensemble.members import load_split_dataset, preprocessed_batches, sample_rows
 from ensemble.quantize import (
@@ -108,7 +107,7 @@ def export_ensemble(
         return {**info, "status": "refused", "message": str(exc)}
     spec = module.spec
     info.update(input=INPUT_NAME, output=OUTPUT_NAME, preprocess=spec, status="ok", files={})
-    preset = EvalPreset(image_size=spec["image_size"], in_chans=spec["in_chans"])
+    preset = input_preset(spec)
     test_set = load_split_dataset(experiment, manifest, "test", resize=spec["resize"], data_cache_dir=data_cache_dir)
 
     def batches():

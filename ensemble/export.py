@@ -46,7 +46,7 @@ import torch.nn as nn
 from covid_ray.artifacts import bundle
 from covid_ray.artifacts.bundle import INPUT_NAME, OUTPUT_NAME
 from covid_ray.artifacts.preprocess import Preprocess
-from covid_ray.data.transforms import normalization_for
+from covid_ray.data.transforms import EvalPreset, normalization_for
 from covid_ray.vote import class_order, soft_vote, vote_weights
 
 from ensemble.calibrate import PROB_EPS
@@ -84,6 +84,11 @@ def input_spec(members: Sequence[Member]) -> dict:
     in_chans = chans.pop() if len(chans) == 1 else 1  # mixed: feed grayscale, adapt inside
     mean, std = normalization_for(in_chans)
     return {"image_size": image_size, "resize": resize, "in_chans": in_chans, "mean": list(mean), "std": list(std)}
+
+
+def input_preset(spec: dict) -> EvalPreset:
+    """The batch transform that makes the graph's input (:func:`input_spec`) from resized uint8 images."""
+    return EvalPreset(image_size=spec["image_size"], in_chans=spec["in_chans"])
 
 
 class InputAdapter(nn.Module):

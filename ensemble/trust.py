@@ -69,10 +69,13 @@ def _tta_section(views, selection, experiment, manifest, plain, probs, weights, 
            "comparison": "same members and weights; each variant has its own temperature fitted on validation",
            "test": tta_effect(plain, probs, weights, calibrate=calibrate)}
     if repeats > 0:
-        pre = selection.members[0].preprocess
-        test = load_split_dataset(experiment, manifest, "test", resize=pre.resize, data_cache_dir=data_cache_dir)
-        sample = next(preprocessed_batches(test, pre.preset(), batch_size=32))[0]
+        from ensemble.export import input_preset, input_spec
+
         try:
+            # The ensemble's own input (grayscale when the members' channels differ), not a member's.
+            spec = input_spec(selection.members)
+            test = load_split_dataset(experiment, manifest, "test", resize=spec["resize"], data_cache_dir=data_cache_dir)
+            sample = next(preprocessed_batches(test, input_preset(spec), batch_size=32))[0]
             out["latency_ms"] = tta_latency(selection.members, weights, temperature, experiment.classes, views,
                                             sample, repeats=repeats)
             out["latency_repeats"] = repeats

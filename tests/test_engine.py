@@ -311,7 +311,7 @@ def _run_config(easy_split, tmp_path, **patch):
 
     root, split = easy_split
     return TrialConfig.from_flat({"data": str(root), "split": str(split), "cache_dir": str(tmp_path / "cache"),
-                                  "model": "seed_cnn", "image_size": 40, "batch_size": 16, "epochs": 3,
+                                  "model": "mobilenet_v3_small", "image_size": 40, "batch_size": 16, "epochs": 3,
                                   "lr": 1e-3, **patch})
 
 

@@ -57,9 +57,10 @@ def _train(root: Path, split: Path, out: Path, model_name: str, image_size: int,
     return metrics
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(easy_split, tmp_path_factory):
-    """``{trial_id: trials.csv fields}`` of checkpoints trained once per module."""
+    """``{trial_id: trials.csv fields}`` of checkpoints trained once per session (test_trust_build
+    uses them too); read-only: a test that damages a member copies it first."""
     root, split = easy_split
     base = tmp_path_factory.mktemp("trials")
     out = {}
@@ -70,7 +71,7 @@ def trained(easy_split, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def untrained(easy_split, tmp_path_factory):
     """Randomly initialised checkpoints: loadable members at no training cost."""
     classes = manifest_classes(read_manifest(easy_split[1]))

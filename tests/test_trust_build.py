@@ -99,8 +99,11 @@ def test_build_with_tta_exports_the_ood_score_and_its_card(easy_split, trained, 
     from ensemble.abstain import torch_ensemble
     from ensemble.build import main
 
-    folder = make_search(tmp_path / "tta", easy_split, trained, ["t0", "t1", "t2"])
-    assert main(["--top", "3", "--results-dir", str(folder), "--tta", "flip,rot5", "--method", "soft", *FAST]) == 0
+    # Without t0 (seed_cnn): its 104 MB of weights, four times over with TTA, cost a minute of
+    # export and quantization. t1 (3 channels) ranks first, t2 has 1: the graph takes grayscale
+    # and adapts inside, and every torch path (the TTA latency's too) is fed the graph's input.
+    folder = make_search(tmp_path / "tta", easy_split, trained, ["t1", "t2"])
+    assert main(["--top", "2", "--results-dir", str(folder), "--tta", "flip,rot5", "--method", "soft", *FAST]) == 0
     out = capsys.readouterr().out
     assert "OOD abstention: " in out and "shortcut audit: " in out and "TTA (4 views)" in out
     ens = folder / "ensemble"
