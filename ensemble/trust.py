@@ -74,7 +74,8 @@ def _tta_section(views, selection, experiment, manifest, plain, probs, weights, 
         try:
             # The ensemble's own input (grayscale when the members' channels differ), not a member's.
             spec = input_spec(selection.members)
-            test = load_split_dataset(experiment, manifest, "test", resize=spec["resize"], data_cache_dir=data_cache_dir)
+            test = load_split_dataset(experiment, manifest, "test", resize=spec["resize"],
+                                      data_cache_dir=data_cache_dir)
             sample = next(preprocessed_batches(test, input_preset(spec), batch_size=32))[0]
             out["latency_ms"] = tta_latency(selection.members, weights, temperature, experiment.classes, views,
                                             sample, repeats=repeats)

@@ -153,7 +153,8 @@ def test_single_run_cli_writes_its_checkpoint_to_s3(s3, easy_split, tmp_path):
 
     root, split = easy_split
     cmd = [sys.executable, "-m", "covid_ray.train", "--data", str(root), "--split", str(split),
-           "--model", "mobilenet_v3_small", "--image-size", "32", "--epochs", "2", "--batch-size", "16", "--num-workers", "1", "--name", "one",
+           "--model", "mobilenet_v3_small", "--image-size", "32", "--epochs", "2", "--batch-size", "16",
+           "--num-workers", "1", "--name", "one",
            "--storage-path", f"s3://{BUCKET}/single", "--cache-dir", str(tmp_path / "cache")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
