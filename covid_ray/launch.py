@@ -390,6 +390,7 @@ class Trainer(DataParallelTrainer):
 
     controller_in_process = False
     shared_cleaner: str | None = None  # a SharedPlacementGroupCleaner's name: instead of a cleaner process per run
+    worker_pool: str | None = None  # a covid_ray.worker_pool.WorkerPool's name: warm workers instead of new ones
 
     def _create_default_callbacks(self):
         callbacks = super()._create_default_callbacks()
@@ -421,6 +422,10 @@ class Trainer(DataParallelTrainer):
         from ray.train.v2._internal.execution.controller import TrainController
 
         controller = TrainController(**controller_init_kwargs)
+        if self.worker_pool:
+            from covid_ray.worker_pool import pooled_worker_group
+
+            controller.worker_group_cls = pooled_worker_group(self.worker_pool)
         asyncio.run(controller.run())
         return controller.get_result()
 
@@ -439,6 +444,7 @@ def build_trainer(
     worker_env: dict[str, str] | None = None,
     controller_in_process: bool = False,
     shared_cleaner: str | None = None,
+    worker_pool: str | None = None,
 ):
     """A Ray Train trainer for one configuration (validated here, before any worker starts).
 
@@ -446,7 +452,9 @@ def build_trainer(
     Ray actor (Tune's trial driver), instead of in an actor of its own. ``shared_cleaner``:
     the name of a cleaner :func:`start_placement_group_cleaner` started, which frees the
     run's placement group should this process die, instead of a cleaner process of the
-    run's own.
+    run's own. ``worker_pool`` (with ``controller_in_process``): the name of a pool
+    :func:`covid_ray.worker_pool.start_worker_pool` started, whose warm workers the run
+    leases instead of starting its own (CPU workers only).
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
@@ -476,6 +484,7 @@ def build_trainer(
     )
     trainer.controller_in_process = controller_in_process
     trainer.shared_cleaner = shared_cleaner
+    trainer.worker_pool = worker_pool
     return trainer
 
 

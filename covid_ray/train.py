@@ -202,7 +202,7 @@ def train_loop_per_worker(flat_config: dict) -> None:
                          mean=lambda total, count: _mean_over_workers(total, count, device))
         metrics = {**step.metrics, "node_id": node_id, "worker_node_ids": worker_node_ids,
                    "world_size": ctx.get_world_size(), "resumed_from_epoch": resumed_from,
-                   "loop_started_at": loop_started_at}
+                   "loop_started_at": loop_started_at, "worker_pid": os.getpid()}
         if rank == 0:
             print(
                 f"[covid-ray] epoch {epoch + 1}/{cfg.optim.epochs} train_loss {metrics['train_loss']:.4f} "

@@ -63,6 +63,7 @@ class LaunchSpec:
     max_failures: int = 1
     worker_env: tuple[tuple[str, str], ...] = ()  # fault injection for the recovery tests
     cleaner: str | None = None  # the search's placement-group cleaner (covid_ray.launch), by name
+    worker_pool: str | None = None  # the search's warm workers (covid_ray.worker_pool), by name
 
 
 def trial_driver(config: dict, launch: LaunchSpec) -> None:
@@ -96,6 +97,8 @@ def trial_driver(config: dict, launch: LaunchSpec) -> None:
         # cleaner frees the placement group should ASHA stop the trial (kill this actor).
         controller_in_process=True,
         shared_cleaner=launch.cleaner,
+        # The search's warm workers, instead of a new process (imports and all) per trial.
+        worker_pool=launch.worker_pool,
     )
     trainer.fit()
 
@@ -355,9 +358,11 @@ def _run_tuner(opts, store, exp: Path, ss: SearchSpace, meta: dict, reference: d
         gpus_per_worker=float(res["gpus_per_worker"]), driver_cpus=DRIVER_CPUS, concurrent=ss.max_concurrent,
     )
     from covid_ray.launch import start_placement_group_cleaner, stop_placement_group_cleaner
+    from covid_ray.worker_pool import stop_worker_pool
 
     cleaner_name = f"covid-ray-pg-cleaner-{uuid.uuid4().hex[:12]}"  # this search's, resumed or not
     cleaner = start_placement_group_cleaner(cleaner_name)
+    pool_name = f"covid-ray-worker-pool-{uuid.uuid4().hex[:12]}"
     launch = LaunchSpec(
         train_storage=store.train_storage,
         workers_per_trial=int(res["workers_per_trial"]),
@@ -368,8 +373,11 @@ def _run_tuner(opts, store, exp: Path, ss: SearchSpace, meta: dict, reference: d
             k: os.environ[k] for k in FAULT_ENV if k in os.environ
         }).items())),
         cleaner=cleaner_name,
+        worker_pool=pool_name,
     )
-    write_json(exp / LAUNCH_FILE, {k: v for k, v in asdict(launch).items() if k != "cleaner"})  # not this run's actor
+    pool = start_pool(launch, ss.max_concurrent)
+    write_json(exp / LAUNCH_FILE, {k: v for k, v in asdict(launch).items()
+                                   if k not in ("cleaner", "worker_pool")})  # not this run's actors
     store.push()
     trainable = tune.with_resources(tune.with_parameters(trial_driver, launch=launch), {"CPU": DRIVER_CPUS})
     tune_dir = store.tune_dir
@@ -404,12 +412,34 @@ def _run_tuner(opts, store, exp: Path, ss: SearchSpace, meta: dict, reference: d
     tuner.fit()
     elapsed = time.time() - t0
     stop_placement_group_cleaner(cleaner)  # frees what Tune's last stops left; not the search's time
+    stop_worker_pool(pool)
     wall = elapsed + float(meta.get("search_wall_time_s", 0.0)) if opts.resume else elapsed
     meta["search_wall_time_s"] = wall
     write_experiment(exp, meta)
     store.pull_tune_state()
     write_tables(exp, store.checkpoint_location())  # a URI's tables name the checkpoints there
     store.push()
+
+
+def start_pool(launch: LaunchSpec, concurrent: int):
+    """The search's :class:`covid_ray.worker_pool.WorkerPool`, with the first trials' workers started.
+
+    They start beside the search's own set-up, on this node, in the runtime environment
+    the trials' workers get (CPU workers only: GPU runs start their own).
+    """
+    import ray
+    from ray.train.v2._internal.execution.worker_group import WorkerGroup
+
+    from covid_ray.worker_pool import poolable, pooled_runtime_env, start_worker_pool, worker_key
+
+    pool = start_worker_pool(launch.worker_pool)
+    resources = {"CPU": launch.cpus_per_worker, "GPU": launch.gpus_per_worker}
+    if poolable(resources):
+        custom = {"env_vars": dict(launch.worker_env)} if launch.worker_env else {}
+        env = pooled_runtime_env(WorkerGroup._get_worker_runtime_env(custom_runtime_env=custom), resources)
+        key = worker_key(ray.get_runtime_context().get_node_id(), env)
+        pool.prestart.remote([key] * (concurrent * launch.workers_per_trial))
+    return pool
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -187,16 +187,19 @@ def test_search_writes_consistent_tables_and_records_a_failing_trial(easy_split,
     meta = json.loads((exp / "experiment.json").read_text())
     assert meta["classes"] == ["COVID", "Normal"] and meta["synthetic"] is False
     # Ray Train's controller ran inside each trial driver, reports reached Tune without a
-    # queue actor, and one cleaner served the search: no per-trial process of those kinds
-    # was started, while each trial had its worker.
+    # queue actor, one cleaner served the search, and every trial trained on a worker of the
+    # search's pool: no per-trial process of those kinds was started.
     from ray.util.state import list_actors
 
     started = {}
-    for cls in ("RayTrainWorker", "TrainController", "_QueueActor", "PlacementGroupCleaner",
-                "SharedPlacementGroupCleaner"):
-        started[cls] = len(list_actors(filters=[("class_name", "=", cls)], limit=1000, raise_on_missing_output=False))
-    assert started["RayTrainWorker"] >= 4 and started["SharedPlacementGroupCleaner"] == 1, started
-    assert started["TrainController"] == started["_QueueActor"] == started["PlacementGroupCleaner"] == 0, started
+    for cls in ("RayTrainWorker", "PooledWorker", "WorkerPool", "TrainController", "_QueueActor",
+                "PlacementGroupCleaner", "SharedPlacementGroupCleaner"):
+        started[cls] = list_actors(filters=[("class_name", "=", cls)], limit=1000, raise_on_missing_output=False)
+    count = {cls: len(actors) for cls, actors in started.items()}
+    assert count["SharedPlacementGroupCleaner"] == count["WorkerPool"] == 1, count
+    assert count["RayTrainWorker"] == count["TrainController"] == count["_QueueActor"] == 0, count
+    assert count["PlacementGroupCleaner"] == 0, count
+    assert set(history.worker_pid) <= {a.pid for a in started["PooledWorker"]}, (history.worker_pid, count)
     # ... and the search ended with every trial's placement group freed.
     import ray
 

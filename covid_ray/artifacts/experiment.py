@@ -56,6 +56,7 @@ TRIAL_TEXT_COLUMNS = ("trial_id", "status", ARM_COLUMN, "checkpoint", "error", "
 HISTORY_COLUMNS = [
     "trial_id", "epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1",
     "val_balanced_accuracy", "lr", "node_id", "worker_node_ids", "world_size", "epoch_time_s", "checkpoint",
+    "worker_pid",  # rank 0's process: trials of a search take turns in warm workers (covid_ray.worker_pool)
 ]
 # experiment.json: the keys every experiment has (a search adds the search space, recipe, times).
 EXPERIMENT_KEYS = ("name", "data", "split", "synthetic", "metric", "mode", "classes")

@@ -1,0 +1,90 @@
+"""The search's warm workers (covid_ray.worker_pool): reused only when a run ended cleanly, with
+the same results as a new process, and replaced when the run's driver dies mid-run."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from covid_ray.worker_pool import poolable, pooled_runtime_env, worker_key
+
+
+def test_only_cpu_workers_are_pooled_with_the_threads_ray_would_give_them():
+    assert poolable({"CPU": 0.9}) and poolable({"CPU": 2.0, "GPU": 0.0})
+    assert not poolable({"CPU": 1.0, "GPU": 0.5})  # a GPU is Ray's per-actor assignment
+    assert pooled_runtime_env({}, {"CPU": 0.9})["env_vars"] == {"OMP_NUM_THREADS": "1"}
+    assert pooled_runtime_env({"env_vars": {"A": "1"}}, {"CPU": 3.5})["env_vars"] == {"A": "1", "OMP_NUM_THREADS": "3"}
+    assert pooled_runtime_env({"env_vars": {"OMP_NUM_THREADS": "2"}}, {"CPU": 1})["env_vars"]["OMP_NUM_THREADS"] == "2"
+    # The key is the node and the whole environment, whatever the order it was written in.
+    assert worker_key("n", {"env_vars": {"A": "1", "B": "2"}}) == worker_key("n", {"env_vars": {"B": "2", "A": "1"}})
+    assert worker_key("n", {"env_vars": {"A": "1"}}) != worker_key("n", {"env_vars": {"A": "2"}})
+    assert worker_key("n", {}) != worker_key("m", {})
+
+
+@pytest.mark.slow
+def test_a_finished_runs_worker_serves_the_next_run_alike_and_a_killed_drivers_is_replaced(
+        easy_split, tmp_path, ray_session):
+    from covid_ray.worker_pool import start_worker_pool, stop_worker_pool
+
+    ray = ray_session
+    root, split = easy_split
+    pool = start_worker_pool("test-pool")
+    flat = {"data": str(root), "split": str(split), "model": "mobilenet_v3_small", "image_size": 40, "epochs": 2,
+            "batch_size": 16, "cache_dir": str(tmp_path / "cache"), "seed": 3}
+
+    @ray.remote(num_cpus=0.05)
+    class Driver:  # a trial driver: the run's controller in this actor, its worker from the pool
+        def fit(self, config: dict, name: str) -> list[dict]:
+            from covid_ray.launch import build_trainer, history_callback
+
+            history = tmp_path / name / "history.jsonl"
+            build_trainer(config, storage_path=tmp_path / "train", name=name, cpus_per_worker=0.9,
+                          callbacks=[history_callback(history)], controller_in_process=True,
+                          worker_pool="test-pool").fit()
+            return [json.loads(line) for line in history.read_text().splitlines()]
+
+    def wait_for(condition, what: str, timeout_s: float = 120):
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.2)
+
+    first = ray.get(Driver.remote().fit.remote(flat, "first"))
+    second = ray.get(Driver.remote().fit.remote(flat, "second"))  # the same configuration, another driver
+    assert len(first) == len(second) == 2
+    assert first[0]["worker_pid"] == second[0]["worker_pid"]  # the same process served both runs
+    # ... and trained them alike: a reused worker starts from nothing the last run left.
+    for a, b in zip(first, second):
+        for key in ("train_loss", "val_loss", "val_macro_f1"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6), (key, a[key], b[key])
+    stats = ray.get(pool.stats.remote())
+    assert stats["started"] == 1 and stats["reused"] == 1 and stats["idle"] == 1 and stats["leased"] == 0, stats
+
+    # A driver killed mid-run (as Tune kills a trial ASHA stops) leaves its worker's training
+    # thread running: the pool kills that worker and starts a warm replacement.
+    driver = Driver.remote()
+    killed = driver.fit.remote({**flat, "epochs": 50}, "killed")
+    wait_for(lambda: (tmp_path / "killed" / "history.jsonl").is_file(), "the killed run's first epoch")
+    pid = json.loads((tmp_path / "killed" / "history.jsonl").read_text().splitlines()[0])["worker_pid"]
+    assert pid == first[0]["worker_pid"]
+    ray.kill(driver)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(killed)
+    wait_for(lambda: ray.get(pool.stats.remote())["replaced"] == 1, "the dead driver's worker replaced")
+
+    def gone(p: int) -> bool:
+        try:
+            os.kill(p, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_for(lambda: gone(pid), "the old worker's end")
+    third = ray.get(Driver.remote().fit.remote(flat, "third"))
+    assert third[0]["worker_pid"] != pid
+    assert [r["train_loss"] for r in third] == pytest.approx([r["train_loss"] for r in first], rel=1e-6)
+    stats = ray.get(pool.stats.remote())
+    assert stats["started"] == 2 and stats["reused"] == 3 and stats["leased"] == 0, stats
+    stop_worker_pool(pool)
