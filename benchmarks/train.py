@@ -19,12 +19,14 @@ loop is ``covid_ray.launch.build_trainer(..., num_workers=1)`` after
   shutdown), split into phases with the timestamps in Ray Train's own controller and
   worker logs. ``ray.init`` is reported on its own: a search pays it once for all trials.
 * Every Ray run is launched from a new Ray actor, as Tune's trial driver launches a trial's
-  run, in three ways that alternate with the plain loop: covid-ray's trial (Ray Train's
-  controller in that actor, ``controller_in_process``, and the placement-group cleaner
-  shared by all runs, ``shared_cleaner``); the controller in an actor of its
+  run, in four ways that alternate with the plain loop: covid-ray's trial (Ray Train's
+  controller in that actor, ``controller_in_process``, the placement-group cleaner
+  shared by all runs, ``shared_cleaner``, and a warm worker leased from the search's pool,
+  ``worker_pool``, which the untimed first run's worker joins); the same with a new
+  worker process per run; the controller in an actor of its
   own (Ray's default, and ``covid_ray.train``'s CLI); and ``TorchTrainer``'s set-up, the
   controller actor with Ray's ``TorchConfig`` instead of covid-ray's torch-free
-  ``ProcessGroupConfig``: the baseline. All three leave out Ray Data's manager and the
+  ``ProcessGroupConfig``: the baseline. All four leave out Ray Data's manager and the
   preemption watcher, and poll every 0.25 s.
 
 Threads: a Ray worker reserving 1 CPU gets ``OMP_NUM_THREADS=1`` from Ray, while a plain
@@ -274,8 +276,12 @@ def with_torchconfig(trainer):
 # The three ways a Ray Train run is launched here: build_trainer's options, and whether
 # Ray's TorchConfig replaces covid-ray's ProcessGroupConfig.
 RAY_KINDS = {
-    # covid-ray's trial: the controller in Tune's trial driver, the search's one cleaner
-    "ray": {"controller_in_process": True, "shared_cleaner": "covid-ray-bench-pg-cleaner"},
+    # covid-ray's trial: the controller in Tune's trial driver, the search's one cleaner, a warm
+    # worker leased from the search's pool
+    "ray": {"controller_in_process": True, "shared_cleaner": "covid-ray-bench-pg-cleaner",
+            "worker_pool": "covid-ray-bench-worker-pool"},
+    # the same with a new worker process per run (covid-ray's trials before the pool)
+    "ray_new_worker": {"controller_in_process": True, "shared_cleaner": "covid-ray-bench-pg-cleaner"},
     "ray_controller_actor": {},  # covid-ray's CLI (and trials before 2026-12-06)
     "ray_torchconfig": {"torchconfig": True},  # Ray's defaults: TorchTrainer's controller actor and backend
 }
@@ -298,6 +304,7 @@ class RunDriver:
             callbacks=[history_callback(history), report_clock(clock)], worker_env={"OMP_NUM_THREADS": str(threads)},
             controller_in_process=options.get("controller_in_process", False),
             shared_cleaner=options.get("shared_cleaner"),
+            worker_pool=options.get("worker_pool"),
         )
         if options.get("torchconfig"):
             trainer = with_torchconfig(trainer)
@@ -382,7 +389,10 @@ def run(args: argparse.Namespace) -> dict:
     out["poll"] = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")  # init_ray sets covid-ray's default
     from covid_ray.launch import start_placement_group_cleaner, stop_placement_group_cleaner
 
+    from covid_ray.worker_pool import start_worker_pool, stop_worker_pool
+
     cleaner = start_placement_group_cleaner(RAY_KINDS["ray"]["shared_cleaner"])  # as a search starts it
+    pool = start_worker_pool(RAY_KINDS["ray"]["worker_pool"])  # empty: the warm-up run's worker joins it
     try:
         out["worker_threads"] = worker_threads(args.threads)
         if out["worker_threads"] != args.threads:
@@ -390,10 +400,11 @@ def run(args: argparse.Namespace) -> dict:
         with tempfile.TemporaryDirectory(prefix="covid-ray-bench-train-") as tmp:
             tmp = Path(tmp)
             # Untimed: the session's first Ray Train run also starts Ray's once-per-session
-            # actors (an autoscaling coordinator, ~2.5 s here), which no timed run should carry.
+            # actors (an autoscaling coordinator, ~2.5 s here), which no timed run should carry;
+            # its worker stays in the pool for the pooled runs, as a finished trial's does.
             ray_run({**flat, "epochs": 2}, tmp / "warm-up", args.threads, "warm-up")
             for r in range(args.repeats):
-                # Rotate which loop goes first, so that drift in the machine's load hits all four.
+                # Rotate which loop goes first, so that drift in the machine's load hits all five.
                 kinds = ["plain", *RAY_KINDS]
                 for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
                     if kind == "plain":
@@ -407,6 +418,7 @@ def run(args: argparse.Namespace) -> dict:
                     out[kind].append(res)
     finally:
         stop_placement_group_cleaner(cleaner)
+        stop_worker_pool(pool)
         ray.shutdown()
     out["gloo_init_s"] = gloo_init_seconds()
     out["imports"] = {
@@ -423,7 +435,7 @@ PHASES = [
     ("controller", "`fit()` to the Train controller running (as an actor: a new process importing Ray Train, "
                    "and torch with `TorchConfig`)"),
     ("scheduling", "controller set-up and resource request, to the worker-group start"),
-    ("worker_actor", "worker actor created (a new Python process)"),
+    ("worker_actor", "worker actor created (a new Python process), or leased warm from the search's pool"),
     ("train_context", "train context initialized on the worker (with `TorchConfig`: its torch import)"),
     ("launch", "train function launched (`covid_ray.launch.train_loop_per_worker`, whose module the "
                "worker has loaded already)"),
@@ -479,6 +491,10 @@ def render(out: dict, s: dict, command: str) -> str:
             ["start-up s: `fit()` wall minus the sum of its epoch times (median)", f"{s['setup']:.2f} (loop set-up)",
              f"**{s['startup']:.1f}** (runs: {', '.join(f'{x:.1f}' for x in s['startup_runs'])})", "",
              f"<= 10 s: **{'met' if startup_ok else 'not met'}**"],
+            ["start-up s with a new worker process per run (covid-ray's trials before the worker pool)", "",
+             f"{s['startup_ray_new_worker']:.1f} "
+             f"(runs: {', '.join(f'{x:.1f}' for x in s['startup_ray_new_worker_runs'])})",
+             "", f"the warm worker saves **{s['startup_ray_new_worker'] - s['startup']:.1f} s**"],
             ["start-up s with the controller in an actor of its own (`covid_ray.train`'s CLI; trials before "
              "2026-12-06)", "",
              f"{s['startup_ray_controller_actor']:.1f} "
@@ -497,13 +513,16 @@ def render(out: dict, s: dict, command: str) -> str:
     if s["phases"]:
         p = s["phases"]
         nan = {k: float("nan") for k, _ in PHASES}
+        n = s["phases_ray_new_worker"] or nan
         a = s["phases_ray_controller_actor"] or nan
         b = s["phases_ray_torchconfig"] or nan
-        rows = [[text, f"{p[k]:.2f}", f"{a[k]:.2f}", f"{b[k]:.2f}"] for k, text in PHASES]
+        rows = [[text, f"{p[k]:.2f}", f"{n[k]:.2f}", f"{a[k]:.2f}", f"{b[k]:.2f}"] for k, text in PHASES]
         rows.append(["sum (= start-up above, up to rounding and the median over runs)", f"{sum(p.values()):.2f}",
-                     f"{sum(a.values()):.2f}", f"{sum(b.values()):.2f}"])
+                     f"{sum(n.values()):.2f}", f"{sum(a.values()):.2f}", f"{sum(b.values()):.2f}"])
         breakdown = markdown_table(["phase of a Ray Train run outside its epochs (median over runs)",
-                                    "s, covid-ray's trial (controller in the trial driver, `ProcessGroupConfig`)",
+                                    "s, covid-ray's trial (controller in the trial driver, `ProcessGroupConfig`, "
+                                    "a warm pooled worker)",
+                                    "s, the same with a new worker process",
                                     "s, controller actor, `ProcessGroupConfig`",
                                     "s, Ray's `TorchTrainer` set-up (controller actor, `TorchConfig`)"], rows)
     else:
@@ -516,10 +535,11 @@ def render(out: dict, s: dict, command: str) -> str:
             ("The epoch-time target is missed: see the per-epoch samples; the loops run the same "
              "code, so a gap points at the worker's environment (threads, CPU share). " if not ratio_ok else "")
             + ("The start-up target is missed. Most of the start-up is fixed by how Ray Train runs "
-               "a job: every `fit()` starts new processes (the worker, and beside it a "
-               "synchronization actor), the worker imports torch and Ray Train, and the controller "
+               "a job: every `fit()` starts a synchronization actor (a new process importing Ray Train), "
+               "a placement group and a gloo process group, and the controller "
                "notices the end of the loop only at its next status poll. covid-ray already leaves "
-               "out what it can: the controller's own process (in a trial it runs in Tune's trial "
+               "out what it can: the worker's process and its imports (a warm worker from the "
+               "search's pool, `covid_ray.worker_pool`), the controller's own process (in a trial it runs in Tune's trial "
                "driver, `covid_ray.launch.Trainer`'s `controller_in_process`), a placement-group "
                "cleaner process per run (one serves the search, `shared_cleaner`), torch in the "
                "launching process "
@@ -539,7 +559,7 @@ batch {f['batch_size']}, Adam lr {f['lr']}, {f['epochs']} epochs, validation on 
 every epoch, a checkpoint on every improvement, loader workers 0 (batches come from the decode cache), fp32.
 torch threads: **{out['threads']} in both loops** (plain: `torch.set_num_threads`; Ray worker: `OMP_NUM_THREADS`
 in its runtime env and {out['threads']} CPU reserved; a probe task with the same settings saw
-{out['worker_threads']}). Each Ray Train run is launched from a new Ray actor, as Tune's trial driver launches a trial's run (the actor's own start is not timed). Runs rotate plain / covid-ray's trial / controller actor / `TorchTrainer`'s set-up, after one untimed Ray Train run (the session's first also starts Ray's once-per-session actors). Ray Train controller poll: {out['poll'] + ' s (`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`)' if out['poll'] else 'Ray default (2 s)'}. The decode cache was
+{out['worker_threads']}). Each Ray Train run is launched from a new Ray actor, as Tune's trial driver launches a trial's run (the actor's own start is not timed). Runs rotate plain / covid-ray's trial (warm pooled worker) / the same with a new worker / controller actor / `TorchTrainer`'s set-up, after one untimed Ray Train run (the session's first also starts Ray's once-per-session actors). Ray Train controller poll: {out['poll'] + ' s (`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`)' if out['poll'] else 'Ray default (2 s)'}. The decode cache was
 {'built' if out['cache_built'] else 'already there'} before timing ({out['cache_s']:.1f} s), outside both loops.
 
 {table}

@@ -35,6 +35,7 @@ from covid_ray.artifacts.experiment import HISTORY_FILE, read_history
 from covid_ray.config import AMP_MODES, OPTIMIZERS, TrialConfig, flat_defaults
 from covid_ray.engine import TrainingRun, run_epoch, setup_run
 from covid_ray.launch import best_of, build_trainer, history_callback
+from covid_ray.worker_pool import cancellable
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +190,8 @@ def train_loop_per_worker(flat_config: dict) -> None:
     rank, device = ctx.get_world_rank(), ray.train.torch.get_device()
     run = setup_run(
         cfg, device=device, world_size=ctx.get_world_size(),
-        prepare_loader=lambda loader: ray.train.torch.prepare_data_loader(loader, move_to_device=False),
+        # cancellable: a pooled worker whose run's driver died ends the run at the next batch
+        prepare_loader=lambda loader: cancellable(ray.train.torch.prepare_data_loader(loader, move_to_device=False)),
         prepare_model=ray.train.torch.prepare_model,
     )
     start_epoch = resumed_from = _resume(run, rank)

@@ -18,9 +18,12 @@ workers from the pool rather than creating them, and hands them back when the ru
 * Isolation between runs: a worker goes back to the pool only when its training thread
   has ended and its ``torch.distributed`` process group is destroyed; Ray Train gives it a
   new train context, and the loop seeds its RNGs, builds its model, optimizer and loaders
-  anew. A worker whose thread still runs (an aborted run), that fails its release, or
-  whose run's driver dies mid-run (ASHA stops the trial: Tune kills the driver) is killed,
-  and the pool starts a replacement at once so the next trial still finds a warm one.
+  anew.
+* A run whose driver dies mid-run (ASHA stops the trial: Tune kills the driver) leaves its
+  worker training: the pool cancels that run (the loop ends at its next batch,
+  :func:`cancellable`) and takes the worker back once its thread has ended. A worker that
+  does not end its run within ``RECLAIM_S``, that fails its release, or that died is
+  killed, and the pool starts a replacement at once so the next trial still finds a warm one.
 * A worker's key is its node and its runtime environment (the run's env vars, such as
   the recovery tests' fault injection, and its ``OMP_NUM_THREADS``): a run only ever gets
   a process that Ray Train would have started the same way.
@@ -42,6 +45,37 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 logger = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (node id, runtime env as sorted JSON)
+RECLAIM_S = 30.0  # how long a cancelled run may take to end before its worker is killed instead
+
+_cancelled = threading.Event()  # set in a pooled worker when its run's driver died
+
+
+class RunCancelled(RuntimeError):
+    """Raised in a pooled worker's loop when the run's driver died and the pool takes the worker back."""
+
+
+class _Cancellable:
+    """A data loader whose iteration raises :class:`RunCancelled` once the run is cancelled."""
+
+    def __init__(self, loader):
+        self._loader = loader
+
+    def __iter__(self):
+        for batch in self._loader:
+            if _cancelled.is_set():
+                raise RunCancelled("this run's driver died; the worker returns to the search's pool")
+            yield batch
+
+    def __len__(self):
+        return len(self._loader)
+
+    def __getattr__(self, name):  # sampler, dataset, batch_size: the loader's own
+        return getattr(self._loader, name)
+
+
+def cancellable(loader):
+    """``loader``, ending the loop at its next batch when the pool cancels the run (a no-op elsewhere)."""
+    return _Cancellable(loader)
 
 
 def _warm_up() -> None:
@@ -77,10 +111,19 @@ class PooledWorker(RayTrainWorker):
 
         from ray.train.v2._internal.execution.context import MAX_CHECKPOINT_UPLOAD_THREADS, get_train_context
 
+        _cancelled.clear()
         super().init_train_context(*args, **kwargs)
         context = get_train_context()
         context.checkpoint_upload_threadpool = ThreadPoolExecutor(max_workers=MAX_CHECKPOINT_UPLOAD_THREADS)
         context.report_order_condition = _threading.Condition()
+
+    def cancel_run(self) -> None:
+        """End the current run at its next batch (its driver died), and unblock a pending report."""
+        _cancelled.set()
+        try:
+            self.clear_result_queue()
+        except Exception:  # noqa: BLE001 - no run started here
+            pass
 
     def release(self) -> bool:
         """End this worker's part in a run; True when it is fit to serve another.
@@ -133,27 +176,39 @@ def poolable(resources_per_worker: dict[str, float]) -> bool:
 class WorkerPool:
     """The search's warm workers: idle ones by key, leased ones by the actor that runs their run.
 
-    A thread checks every ``check_interval_s`` that each lessee is alive; the workers of
-    one that died are killed (their training thread may still run) and replaced.
+    A thread checks every ``check_interval_s`` that each lessee is alive; the runs of one
+    that died are cancelled and their workers taken back (or killed and replaced).
     """
 
     def __init__(self, check_interval_s: float = 1.0):
         self._idle: dict[Key, list] = {}
         self._leased: dict[str, list[tuple[Key, object]]] = {}
+        self._reclaiming: dict[Key, int] = {}
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._interval = check_interval_s
         self._started = 0
         self._reused = 0
         self._replaced = 0
+        self._reclaimed = 0
         threading.Thread(target=self._watch, name="covid-ray-worker-pool", daemon=True).start()
 
     # -- called by the runs
 
     def lease(self, owner_id: str, keys: list[Key]) -> list:
-        """One worker for each key (an idle one, else a new one), leased to ``owner_id``."""
+        """One worker for each key (an idle one, else a new one), leased to ``owner_id``.
+
+        A worker being taken back from a dead run is waited for (it ends within seconds),
+        rather than starting a new process beside it.
+        """
+        import time
+
         with self._lock:
             out = []
             for key in keys:
+                deadline = time.monotonic() + RECLAIM_S + 5
+                while not self._idle.get(key) and self._reclaiming.get(key) and time.monotonic() < deadline:
+                    self._changed.wait(timeout=0.5)
                 idle = self._idle.get(key) or []
                 if idle:
                     actor = idle.pop(0)
@@ -173,6 +228,7 @@ class WorkerPool:
             for key, actor in self._leased.pop(owner_id, []):
                 if actor._actor_id in fit_ids:
                     self._idle.setdefault(key, []).append(actor)
+                    self._changed.notify_all()
                 elif actor._actor_id in unfit_ids:
                     self._replace(key, actor)
                 else:
@@ -190,6 +246,7 @@ class WorkerPool:
         """Workers started, leases served by a warm worker, workers replaced, and the counts now."""
         with self._lock:
             return {"started": self._started, "reused": self._reused, "replaced": self._replaced,
+                    "reclaimed": self._reclaimed,
                     "idle": sum(map(len, self._idle.values())), "leased": sum(map(len, self._leased.values()))}
 
     # -- internal
@@ -207,6 +264,31 @@ class WorkerPool:
         self._replaced += 1
         if _node_alive(key[0]):
             self._idle.setdefault(key, []).append(self._start(key))
+        self._changed.notify_all()
+
+    def _reclaim(self, leases: list[tuple[Key, object]]) -> None:
+        """Cancel the runs of a dead lessee; each worker goes idle once its thread ended, else is replaced."""
+        import time
+
+        for key, actor in leases:
+            fit = False
+            try:
+                ray.get(actor.cancel_run.remote(), timeout=10)
+                deadline = time.monotonic() + RECLAIM_S
+                while not fit and time.monotonic() < deadline:
+                    fit = bool(ray.get(actor.release.remote(), timeout=RECLAIM_S))
+                    if not fit:
+                        time.sleep(0.1)
+            except Exception as e:  # noqa: BLE001 - dead or stuck: replaced below
+                logger.warning("could not take back a worker of a dead run: %s", e)
+            with self._lock:
+                self._reclaiming[key] -= 1
+                if fit:
+                    self._idle.setdefault(key, []).append(actor)
+                    self._reclaimed += 1
+                    self._changed.notify_all()
+                else:
+                    self._replace(key, actor)
 
     def _watch(self) -> None:
         import time
@@ -225,8 +307,11 @@ class WorkerPool:
                     logger.warning("could not check run owner %s: %s", owner_id, e)
                     continue
                 with self._lock:
-                    for key, actor in self._leased.pop(owner_id, []):
-                        self._replace(key, actor)
+                    leases = self._leased.pop(owner_id, [])
+                    for key, _ in leases:
+                        self._reclaiming[key] = self._reclaiming.get(key, 0) + 1
+                threading.Thread(target=self._reclaim, args=(leases,), name="covid-ray-worker-reclaim",
+                                 daemon=True).start()
 
 
 def _node_alive(node_id: str) -> bool:

@@ -3,7 +3,6 @@ the same results as a new process, and replaced when the run's driver dies mid-r
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import pytest
@@ -36,13 +35,15 @@ def test_a_finished_runs_worker_serves_the_next_run_alike_and_a_killed_drivers_i
 
     @ray.remote(num_cpus=0.05)
     class Driver:  # a trial driver: the run's controller in this actor, its worker from the pool
-        def fit(self, config: dict, name: str) -> list[dict]:
+        def fit(self, config: dict, name: str, **options) -> list[dict]:
             from covid_ray.launch import build_trainer, history_callback
 
             history = tmp_path / name / "history.jsonl"
-            build_trainer(config, storage_path=tmp_path / "train", name=name, cpus_per_worker=0.9,
-                          callbacks=[history_callback(history)], controller_in_process=True,
-                          worker_pool="test-pool").fit()
+            result = build_trainer(config, storage_path=tmp_path / "train", name=name, cpus_per_worker=0.9,
+                                   callbacks=[history_callback(history)], controller_in_process=True,
+                                   worker_pool="test-pool", **options).fit()
+            if result.error:
+                raise result.error
             return [json.loads(line) for line in history.read_text().splitlines()]
 
     def wait_for(condition, what: str, timeout_s: float = 120):
@@ -62,8 +63,8 @@ def test_a_finished_runs_worker_serves_the_next_run_alike_and_a_killed_drivers_i
     stats = ray.get(pool.stats.remote())
     assert stats["started"] == 1 and stats["reused"] == 1 and stats["idle"] == 1 and stats["leased"] == 0, stats
 
-    # A driver killed mid-run (as Tune kills a trial ASHA stops) leaves its worker's training
-    # thread running: the pool kills that worker and starts a warm replacement.
+    # A driver killed mid-run (as Tune kills a trial ASHA stops) leaves its worker training: the
+    # pool cancels that run, whose loop ends at its next batch, and takes the worker back.
     driver = Driver.remote()
     killed = driver.fit.remote({**flat, "epochs": 50}, "killed")
     wait_for(lambda: (tmp_path / "killed" / "history.jsonl").is_file(), "the killed run's first epoch")
@@ -72,19 +73,21 @@ def test_a_finished_runs_worker_serves_the_next_run_alike_and_a_killed_drivers_i
     ray.kill(driver)
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(killed)
-    wait_for(lambda: ray.get(pool.stats.remote())["replaced"] == 1, "the dead driver's worker replaced")
-
-    def gone(p: int) -> bool:
-        try:
-            os.kill(p, 0)
-        except ProcessLookupError:
-            return True
-        return False
-
-    wait_for(lambda: gone(pid), "the old worker's end")
+    wait_for(lambda: ray.get(pool.stats.remote())["reclaimed"] == 1, "the dead driver's worker taken back")
     third = ray.get(Driver.remote().fit.remote(flat, "third"))
-    assert third[0]["worker_pid"] != pid
+    assert third[0]["worker_pid"] == pid  # the cancelled run's worker, which then trained as a new one would
     assert [r["train_loss"] for r in third] == pytest.approx([r["train_loss"] for r in first], rel=1e-6)
     stats = ray.get(pool.stats.remote())
-    assert stats["started"] == 2 and stats["reused"] == 3 and stats["leased"] == 0, stats
+    assert stats["started"] == 1 and stats["reused"] == 3 and stats["replaced"] == 0 and stats["leased"] == 0, stats
+
+    # A worker that dies (here: the recovery tests' crash after epoch 1) is replaced by a new one.
+    crash = {"COVID_RAY_FAIL_AT_EPOCH": "1", "COVID_RAY_FAIL_RANK": "0",
+             "COVID_RAY_FAIL_MARKER": str(tmp_path / "crashed.json")}
+
+    with pytest.raises(ray.exceptions.RayTaskError, match="(?s)worker.*died|died.*worker"):
+        ray.get(Driver.remote().fit.remote(flat, "crashed", worker_env=crash, max_failures=0))
+    assert (tmp_path / "crashed.json").is_file()
+    wait_for(lambda: ray.get(pool.stats.remote())["replaced"] == 1, "the dead worker replaced")
+    stats = ray.get(pool.stats.remote())
+    assert stats["started"] == 3 and stats["leased"] == 0, stats  # the crashed worker and its replacement
     stop_worker_pool(pool)
