@@ -19,7 +19,10 @@ run trains, so :class:`Trainer` can run Ray Train's controller in that process
 :class:`TuneReport` hands each report to Tune's session there instead of through the
 queue actor that ``TuneReportCallback`` starts for every trial. One
 :class:`SharedPlacementGroupCleaner` per search then frees the placement group of a trial
-driver that dies mid-run, where Ray Train starts a cleaner process for every run.
+driver that dies mid-run, where Ray Train starts a cleaner process for every run, and
+``worker_pool`` leases the run's CPU workers from the search's warm ones
+(:mod:`covid_ray.worker_pool`), where Ray Train starts a new process (and its imports) for
+every worker of every run.
 """
 from __future__ import annotations
 
@@ -383,9 +386,10 @@ class Trainer(DataParallelTrainer):
     every run, datasets or not. The loop reads its images with torch's DataLoader, so
     that process would only add to every trial's start-up on a small machine; it is left
     out when the run has no Ray Datasets. ``controller_in_process`` runs the controller in
-    this process rather than in an actor of its own, and ``shared_cleaner`` hands the
+    this process rather than in an actor of its own, ``shared_cleaner`` hands the
     run's placement group to the search's :class:`SharedPlacementGroupCleaner` rather than
-    to a cleaner process of its own.
+    to a cleaner process of its own, and ``worker_pool`` (with ``controller_in_process``)
+    has the controller lease warm workers (:class:`covid_ray.worker_pool.PooledWorkerGroup`).
     """
 
     controller_in_process = False

@@ -39,6 +39,7 @@ import ray
 from ray.exceptions import RayActorError
 from ray.train.v2._internal.execution.worker_group import WorkerGroup
 from ray.train.v2._internal.execution.worker_group.state import WorkerGroupState, _shutdown_sync_actor
+from ray.train.v2._internal.execution.worker_group.state import logger as ray_state_logger
 from ray.train.v2._internal.execution.worker_group.worker import RayTrainWorker, Worker
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -341,6 +342,8 @@ class PooledState(WorkerGroupState):
         group = self._group
         pooled = [w for w in self.workers if w.actor._actor_id in group._pooled_ids]
         others = [w for w in self.workers if w.actor._actor_id not in group._pooled_ids]
+        # Ray's own line, in the run's controller log, as Ray Train's shutdown writes it.
+        ray_state_logger.debug(f"Shutting down {len(self.workers)} workers.")
         ray.wait([w.actor.shutdown.remote() for w in self.workers], num_returns=len(self.workers), timeout=5)
         fit, unfit = [], []
         refs = [w.actor.release.remote() for w in pooled]
