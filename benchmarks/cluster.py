@@ -434,8 +434,10 @@ How throughput should scale, and where the limits are:
   ~2 s on a g5.12xlarge). An autoscaled node pays it on its first trial, plus its
   setup_commands (venv with torch: minutes).
 - **Per-trial fixed cost.** Every trial starts a trial driver (which runs Ray Train's
-  controller) and its worker processes (~12 s per trial of a search on this machine,
-  BENCHMARKS.md "Search"; ~9 s for a run alone, "Training loop"); a second node adds the
+  controller) and leases its CPU workers warm from the search's pool (~4 s per trial of a
+  search on this machine, BENCHMARKS.md "Search"; ~3 s for a run alone and ~9.5 s with new
+  worker processes, "Training loop"). GPU workers are not pooled (Ray assigns a GPU per
+  actor), so a GPU trial starts its workers anew (~9.5 s here); a second node adds the
   measured difference above. Against GPU epochs of seconds to tens of seconds and trials of
   5-50 epochs this is a few percent; it matters for ASHA's early rungs (5 epochs of a small
   model), where it can be as long as the training.

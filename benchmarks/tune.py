@@ -46,10 +46,11 @@ SECTION = "Search: Optuna TPE vs random, ASHA savings, per-trial fixed cost (`py
 PHASES = ("tune_to_driver", "driver_to_loop", "loop_to_epoch1", "between_epochs", "last_to_complete")
 PHASE_NAMES = {
     "tune_to_driver": "Tune start -> trial driver running (actor placed, process started or reused)",
-    "driver_to_loop": "trial driver -> training loop entered (`fit()`: controller, worker process, torch, gloo)",
+    "driver_to_loop": "trial driver -> training loop entered (`fit()`: controller, placement group, a warm worker "
+                      "leased from the search's pool or a new one started, gloo)",
     "loop_to_epoch1": "loop entered -> first epoch (manifest, decode cache, model, optimizer)",
     "between_epochs": "between epochs (checkpoint writes and reports)",
-    "last_to_complete": "last epoch -> trial complete (last report, shutdown)",
+    "last_to_complete": "last epoch -> trial complete (last report, shutdown, the worker handed back)",
 }
 
 

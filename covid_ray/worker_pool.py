@@ -107,7 +107,6 @@ class PooledWorker(RayTrainWorker):
         defaults, created once per process; the first run's end shuts that pool down, so
         each run here gets its own.
         """
-        import threading as _threading
         from concurrent.futures import ThreadPoolExecutor
 
         from ray.train.v2._internal.execution.context import MAX_CHECKPOINT_UPLOAD_THREADS, get_train_context
@@ -116,7 +115,7 @@ class PooledWorker(RayTrainWorker):
         super().init_train_context(*args, **kwargs)
         context = get_train_context()
         context.checkpoint_upload_threadpool = ThreadPoolExecutor(max_workers=MAX_CHECKPOINT_UPLOAD_THREADS)
-        context.report_order_condition = _threading.Condition()
+        context.report_order_condition = threading.Condition()
 
     def cancel_run(self) -> None:
         """End the current run at its next batch (its driver died), and unblock a pending report."""
