@@ -320,10 +320,14 @@ def start_placement_group_cleaner(name: str):
     One per search: give each its own name (a cleaner being shut down is no use to the
     next search), and :func:`stop_placement_group_cleaner` it at the end.
     """
+    return start_on_head(SharedPlacementGroupCleaner, name)
+
+
+def start_on_head(cls, name: str):
+    """An actor of ``cls`` named ``name``, on the head node and holding no CPU, as Ray places its own."""
     from ray._common.constants import HEAD_NODE_RESOURCE_NAME
 
-    return ray.remote(num_cpus=0)(SharedPlacementGroupCleaner).options(
-        name=name, resources={HEAD_NODE_RESOURCE_NAME: 0.001}).remote()
+    return ray.remote(num_cpus=0)(cls).options(name=name, resources={HEAD_NODE_RESOURCE_NAME: 0.001}).remote()
 
 
 def stop_placement_group_cleaner(cleaner, timeout_s: float = 30.0) -> None:

@@ -320,10 +320,9 @@ def _node_alive(node_id: str) -> bool:
 
 def start_worker_pool(name: str):
     """A :class:`WorkerPool` named ``name`` on the head node (one per search; :func:`stop_worker_pool` it)."""
-    from ray._common.constants import HEAD_NODE_RESOURCE_NAME
+    from covid_ray.launch import start_on_head
 
-    return ray.remote(num_cpus=0)(WorkerPool).options(
-        name=name, resources={HEAD_NODE_RESOURCE_NAME: 0.001}).remote()
+    return start_on_head(WorkerPool, name)
 
 
 def stop_worker_pool(pool) -> None:
