@@ -32,7 +32,7 @@ from typing import TextIO
 
 from ray.tune import Callback
 
-from covid_ray.searcher import FIDELITY_ATTR, RECIPE, WARM_START, end_state, trial_arm
+from covid_ray.searcher import FIDELITY_ATTR, RECIPE, WARM_START, stopped_by_scheduler, trial_arm
 
 # The stream the console writes to; set by capture_output. Callbacks are pickled with
 # the Tuner's state, so they hold no stream of their own and look it up here.
@@ -149,14 +149,18 @@ class SearchConsole(Callback):
         best = self.best.get(trial.trial_id)
         best_text = f"best {self.metric.removeprefix('best_')} {best:.4f}" if best is not None else "no result"
         epoch = int(result.get(FIDELITY_ATTR, 0))
-        exempt = trial_arm(trial.config) == RECIPE  # ASHA never stops the recipe
-        state = end_state(result, error=False, full_fidelity=self.max_epochs if exempt else self.full_fidelity)
-        if state == "PRUNED":
+        if self._stopped(trial, result):
             self._end(trial, "stopped", f"trial {trial.trial_id} stopped by ASHA after epoch {epoch}: {best_text}")
         elif result.get("early_stopped"):
             self._end(trial, "early", f"trial {trial.trial_id} early-stopped at epoch {epoch}: {best_text}")
         else:
             self._end(trial, "finished", f"trial {trial.trial_id} finished {epoch} epochs: {best_text}")
+
+    def _stopped(self, trial, result: dict) -> bool:
+        """Whether ASHA stopped ``trial``, whose last report was ``result``."""
+        return FIDELITY_ATTR in result and stopped_by_scheduler(
+            trial.config, int(result[FIDELITY_ATTR]), early_stopped=bool(result.get("early_stopped", False)),
+            full_fidelity=self.full_fidelity)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         reason = ""
@@ -181,8 +185,7 @@ class SearchConsole(Callback):
             best = result.get(self.metric)
             if best is not None:
                 self.best[trial.trial_id] = float(best)
-            pruned = end_state(result, error=False, full_fidelity=self.full_fidelity) == "PRUNED"
-            self.ends[trial.trial_id] = "stopped" if pruned and trial_arm(trial.config) != RECIPE else "finished"
+            self.ends[trial.trial_id] = "stopped" if self._stopped(trial, result) else "finished"
         self._draw()
 
     def on_experiment_end(self, trials, **info):

@@ -27,7 +27,7 @@ from covid_ray.artifacts.experiment import (
     load_experiment_json, read_history, trial_dir,
 )
 from covid_ray.search_space import SearchSpace
-from covid_ray.searcher import RECIPE, epoch_budget, trial_arm
+from covid_ray.searcher import RECIPE, stopped_by_scheduler, trial_arm
 
 logger = logging.getLogger(__name__)
 
@@ -129,10 +129,8 @@ def collect(exp: Path, locate: Callable[[str], str] | None = None) -> tuple[pd.D
         last_report = own.iloc[-1] if own is not None and len(own) else last
         patience_stop = bool(last_report.get("early_stopped", False)) if len(hist) else False
         row["early_stopped"] = patience_stop
-        row["stopped_early"] = bool(
-            trial.status == "TERMINATED" and row["epochs"] < epoch_budget(trial.config, full_fidelity)
-            and not patience_stop and trial_arm(trial.config) != RECIPE  # ASHA never stops the recipe
-        )
+        row["stopped_early"] = trial.status == "TERMINATED" and stopped_by_scheduler(
+            trial.config, row["epochs"], early_stopped=patience_stop, full_fidelity=full_fidelity)
         row["wall_time_s"] = float(last.get("time_total_s", math.nan)) if len(hist) else math.nan
         row["node_id"] = hist["node_id"].iloc[-1] if len(hist) else ""
         # In object storage it is where Ray put it; on disk only when it is still there.

@@ -57,6 +57,19 @@ def epoch_budget(config: dict | None, full_fidelity: int) -> int:
     return min(int(full_fidelity), int(own)) if own else int(full_fidelity)
 
 
+def asha_exempt(config: dict | None) -> bool:
+    """Whether ASHA leaves the trial alone: the reference (recipe) trial, which it never stops
+    nor ranks other trials against."""
+    return trial_arm(config or {}) == RECIPE
+
+
+def stopped_by_scheduler(config: dict | None, epochs: int, *, early_stopped: bool, full_fidelity: int) -> bool:
+    """Whether a trial that ended without error after ``epochs`` epochs was stopped by ASHA: below
+    its epoch budget (:func:`epoch_budget`), not ended by its own early stopping, and not exempt
+    (:func:`asha_exempt`). The one rule behind the console's and ``trials.csv``'s "stopped"."""
+    return not asha_exempt(config) and not early_stopped and int(epochs) < epoch_budget(config, full_fidelity)
+
+
 def end_state(result: dict | None, *, error: bool, full_fidelity: int) -> str:
     """``COMPLETE``, ``PRUNED`` or ``FAIL`` for a trial that ended with ``result`` as its last report.
 
@@ -175,7 +188,7 @@ class ReferenceExemptASHA(ASHAScheduler):
 
     @staticmethod
     def _exempt(trial) -> bool:
-        return trial_arm(trial.config) == RECIPE
+        return asha_exempt(trial.config)
 
     def on_trial_add(self, tune_controller, trial) -> None:
         if not self._exempt(trial):

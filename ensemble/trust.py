@@ -69,16 +69,16 @@ def _tta_section(views, selection, experiment, manifest, plain, probs, weights, 
            "comparison": "same members and weights; each variant has its own temperature fitted on validation",
            "test": tta_effect(plain, probs, weights, calibrate=calibrate)}
     if repeats > 0:
-        from ensemble.export import input_preset, input_spec
+        from ensemble.export import EnsembleModule, input_preset
 
         try:
-            # The ensemble's own input (grayscale when the members' channels differ), not a member's.
-            spec = input_spec(selection.members)
-            test = load_split_dataset(experiment, manifest, "test", resize=spec["resize"],
+            # The ensemble's own input (grayscale when its members' channels differ), from the
+            # members it keeps (weight > 0): the module's spec, not a second reading of the members.
+            module = EnsembleModule(selection.members, weights, temperature, experiment.classes)
+            test = load_split_dataset(experiment, manifest, "test", resize=module.spec["resize"],
                                       data_cache_dir=data_cache_dir)
-            sample = next(preprocessed_batches(test, input_preset(spec), batch_size=32))[0]
-            out["latency_ms"] = tta_latency(selection.members, weights, temperature, experiment.classes, views,
-                                            sample, repeats=repeats)
+            sample = next(preprocessed_batches(test, input_preset(module.spec), batch_size=32))[0]
+            out["latency_ms"] = tta_latency(module, views, sample, repeats=repeats)
             out["latency_repeats"] = repeats
         except ValueError as exc:  # members of different sizes: no single torch module
             out["latency_note"] = str(exc)

@@ -67,17 +67,16 @@ def tta_effect(plain: dict[str, SplitProbs], tta: dict[str, SplitProbs], weights
     return out
 
 
-def tta_latency(members: Sequence[Member], weights: Sequence[float], temperature: float, classes: Sequence[str],
-                views: Sequence[str], sample: np.ndarray, *, repeats: int) -> dict[str, dict[str, float]]:
-    """Torch latency (ms, median of ``repeats``) at batch 1 and 32 without and with the views."""
+def tta_latency(plain, views: Sequence[str], sample: np.ndarray, *, repeats: int) -> dict[str, dict[str, float]]:
+    """Torch latency (ms, median of ``repeats``) at batch 1 and 32 of the ensemble ``plain`` (an
+    :class:`ensemble.export.EnsembleModule`; ``sample`` made for its ``spec``) without and with the views."""
     import torch
 
     from ensemble.deploy import torch_probs
-    from ensemble.export import EnsembleModule
     from ensemble.graph import trusted
     from ensemble.quantize import latency_table
 
-    plain = EnsembleModule(members, weights, temperature, classes).eval()
+    plain = plain.eval()
     with_views = trusted(plain, views=views).eval()
     runners = {"torch, no TTA": lambda x: torch_probs(plain, x, batch_size=len(x)),
                f"torch, TTA ({len(views)} views)": lambda x: torch_probs(with_views, x, batch_size=len(x))}

@@ -13,6 +13,7 @@ from covid_ray.searcher import (
     CovidSearch,
     ReferenceExemptASHA,
     end_state,
+    stopped_by_scheduler,
 )
 
 SPACE = {"lr": tune.loguniform(1e-4, 1e-2), "model": tune.choice(["seed_cnn", "resnet18"])}
@@ -115,6 +116,18 @@ def test_end_state_rules():
     assert end_state({**result(2, 0.5), "config": {"epochs": 2}}, error=False, full_fidelity=6) == "COMPLETE"
     assert end_state({**result(2, 0.5), "config": {"epochs": 4}}, error=False, full_fidelity=6) == "PRUNED"
     assert end_state({**result(6, 0.5), "config": {"epochs": 9}}, error=False, full_fidelity=6) == "COMPLETE"
+
+
+def test_stopped_by_scheduler_is_below_budget_without_early_stopping_and_never_the_recipe():
+    searched, recipe = {ARM_KEY: SEARCH}, {ARM_KEY: RECIPE}
+    assert stopped_by_scheduler(searched, 3, early_stopped=False, full_fidelity=16)
+    assert not stopped_by_scheduler(searched, 16, early_stopped=False, full_fidelity=16)
+    assert not stopped_by_scheduler(searched, 3, early_stopped=True, full_fidelity=16)
+    # The recipe below the search's budget (its own patience or epochs) is never "stopped by ASHA".
+    assert not stopped_by_scheduler(recipe, 3, early_stopped=False, full_fidelity=16)
+    # A trial whose own (searched) epochs are fewer than the budget finished them.
+    assert not stopped_by_scheduler({ARM_KEY: SEARCH, "epochs": 3}, 3, early_stopped=False, full_fidelity=16)
+    assert stopped_by_scheduler({ARM_KEY: SEARCH, "epochs": 8}, 3, early_stopped=False, full_fidelity=16)
 
 
 class _Trial:
