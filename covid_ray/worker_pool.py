@@ -21,7 +21,8 @@ workers from the pool rather than creating them, and hands them back when the ru
   anew.
 * A run whose driver dies mid-run (ASHA stops the trial: Tune kills the driver) leaves its
   worker training: the pool cancels that run (the loop ends at its next batch,
-  :func:`cancellable`) and takes the worker back once its thread has ended. A worker that
+  :func:`cancellable`; Ray Train's "Error in training function" for it becomes one info
+  line) and takes the worker back once its thread has ended. A worker that
   does not end its run within ``RECLAIM_S``, that fails its release, or that died is
   killed, and the pool starts a replacement at once so the next trial still finds a warm one.
 * A worker's key is its node and its runtime environment (the run's env vars, such as
@@ -79,6 +80,32 @@ def cancellable(loader):
     return _Cancellable(loader)
 
 
+CANCELLED_NOTE = "run cancelled: its driver died (Tune stopped the trial); the worker returns to the search's pool"
+
+
+class _CancelledRunIsNotAnError(logging.Filter):
+    """Ray Train logs whatever ends a training function early as "Error in training function"
+    with its traceback. A run this pool cancelled (:class:`RunCancelled`: ASHA stopped the
+    trial) did not fail: its record becomes one info line, so search logs hold no traceback
+    for a normal stop. Any other exception is left as Ray logs it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if text.startswith("Error in training function") and f"{__name__}.{RunCancelled.__name__}: " in text:
+            record.levelno, record.levelname, record.msg, record.args = logging.INFO, "INFO", CANCELLED_NOTE, ()
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def quiet_cancelled_runs() -> None:
+    """Install :class:`_CancelledRunIsNotAnError` on the logger of Ray Train's worker thread (once)."""
+    from ray.train.v2._internal import util as ray_train_util
+
+    target = ray_train_util.logger
+    if not any(isinstance(f, _CancelledRunIsNotAnError) for f in target.filters):
+        target.addFilter(_CancelledRunIsNotAnError())
+
+
 def _warm_up() -> None:
     """What every run's worker imports or triggers before its first batch, done once per process."""
     import importlib
@@ -98,6 +125,7 @@ class PooledWorker(RayTrainWorker):
 
     def __init__(self):
         super().__init__()
+        quiet_cancelled_runs()
         _warm_up()
 
     def init_train_context(self, *args, **kwargs):

@@ -84,6 +84,7 @@ def test_the_console_is_short_plain_and_ends_with_the_leaderboard(console_search
     # Ray's own output is not lost: it is in the experiment's log.
     log = (exp / "search.log").read_text()
     assert "PooledWorker" in log and "[covid-ray] epoch 1/3" in log
+    assert "RunCancelled" not in log  # a trial ASHA stopped is not logged as a failed training function
 
 
 def test_mlflow_has_one_run_per_trial_with_its_epochs_and_best_checkpoint(console_search):

@@ -3,11 +3,19 @@ the same results as a new process, and replaced when the run's driver dies mid-r
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import pytest
 
-from covid_ray.worker_pool import poolable, pooled_runtime_env, worker_key
+from covid_ray.worker_pool import (
+    CANCELLED_NOTE,
+    RunCancelled,
+    poolable,
+    pooled_runtime_env,
+    quiet_cancelled_runs,
+    worker_key,
+)
 
 
 def test_only_cpu_workers_are_pooled_with_the_threads_ray_would_give_them():
@@ -20,6 +28,26 @@ def test_only_cpu_workers_are_pooled_with_the_threads_ray_would_give_them():
     assert worker_key("n", {"env_vars": {"A": "1", "B": "2"}}) == worker_key("n", {"env_vars": {"B": "2", "A": "1"}})
     assert worker_key("n", {"env_vars": {"A": "1"}}) != worker_key("n", {"env_vars": {"A": "2"}})
     assert worker_key("n", {}) != worker_key("m", {})
+
+
+def test_a_cancelled_run_is_one_info_line_and_other_errors_keep_their_traceback(caplog):
+    """Through Ray Train's own function that logs a training function's exception."""
+    from ray.train.v2._internal.util import construct_user_exception_with_traceback
+
+    quiet_cancelled_runs()
+    quiet_cancelled_runs()  # once only
+    name = "ray.train.v2._internal.util"
+    assert sum(type(f).__name__ == "_CancelledRunIsNotAnError" for f in logging.getLogger(name).filters) == 1
+    with caplog.at_level(logging.INFO, logger=name):
+        for exc in (RunCancelled("driver died"), ValueError("a real failure")):
+            try:
+                raise exc
+            except Exception as e:  # noqa: BLE001 - what Ray's thread runner catches
+                construct_user_exception_with_traceback(e)
+    (cancelled, failed) = [r for r in caplog.records if r.name == name]
+    assert (cancelled.levelname, cancelled.getMessage()) == ("INFO", CANCELLED_NOTE)
+    assert failed.levelname == "ERROR" and "Traceback" in failed.getMessage()
+    assert "ValueError: a real failure" in failed.getMessage()
 
 
 @pytest.mark.slow
