@@ -66,7 +66,8 @@ def asha_exempt(config: dict | None) -> bool:
 def stopped_by_scheduler(config: dict | None, epochs: int, *, early_stopped: bool, full_fidelity: int) -> bool:
     """Whether a trial that ended without error after ``epochs`` epochs was stopped by ASHA: below
     its epoch budget (:func:`epoch_budget`), not ended by its own early stopping, and not exempt
-    (:func:`asha_exempt`). The one rule behind the console's and ``trials.csv``'s "stopped"."""
+    (:func:`asha_exempt`). The one rule behind Optuna's PRUNED (:func:`end_state`), the
+    console's "stopped" and ``trials.csv``'s ``stopped_early``."""
     return not asha_exempt(config) and not early_stopped and int(epochs) < epoch_budget(config, full_fidelity)
 
 
@@ -76,15 +77,14 @@ def end_state(result: dict | None, *, error: bool, full_fidelity: int) -> str:
     A trial that reached ``full_fidelity`` epochs, or its own epoch budget where that is fewer
     (a space that searches ``epochs``; Tune's results carry the trial's config), or that early
     stopping ended (it had converged by its own rule), is complete; one that ended below its
-    budget without early stopping was stopped by the scheduler: pruned. An error with no
-    usable result is a failure.
+    budget without early stopping was stopped by the scheduler (:func:`stopped_by_scheduler`):
+    pruned. An error with no usable result is a failure.
     """
     if error or not result or FIDELITY_ATTR not in result:
         return "FAIL"
-    if int(result[FIDELITY_ATTR]) >= epoch_budget(result.get("config"), full_fidelity) or bool(
-            result.get("early_stopped", False)):
-        return "COMPLETE"
-    return "PRUNED"
+    stopped = stopped_by_scheduler(result.get("config"), int(result[FIDELITY_ATTR]),
+                                   early_stopped=bool(result.get("early_stopped", False)), full_fidelity=full_fidelity)
+    return "PRUNED" if stopped else "COMPLETE"
 
 
 class CovidSearch(OptunaSearch):

@@ -42,6 +42,7 @@ from ray.train.v2._internal.execution.worker_group import WorkerGroup
 from ray.train.v2._internal.execution.worker_group.state import WorkerGroupState, _shutdown_sync_actor
 from ray.train.v2._internal.execution.worker_group.state import logger as ray_state_logger
 from ray.train.v2._internal.execution.worker_group.worker import RayTrainWorker, Worker
+from ray.train.v2._internal.util import logger as ray_train_fn_logger
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 logger = logging.getLogger(__name__)
@@ -99,11 +100,8 @@ class _CancelledRunIsNotAnError(logging.Filter):
 
 def quiet_cancelled_runs() -> None:
     """Install :class:`_CancelledRunIsNotAnError` on the logger of Ray Train's worker thread (once)."""
-    from ray.train.v2._internal import util as ray_train_util
-
-    target = ray_train_util.logger
-    if not any(isinstance(f, _CancelledRunIsNotAnError) for f in target.filters):
-        target.addFilter(_CancelledRunIsNotAnError())
+    if not any(isinstance(f, _CancelledRunIsNotAnError) for f in ray_train_fn_logger.filters):
+        ray_train_fn_logger.addFilter(_CancelledRunIsNotAnError())
 
 
 def _warm_up() -> None:
